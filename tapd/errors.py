@@ -1,0 +1,194 @@
+"""The one error tree of tapd.
+
+Every error a client can see is a :class:`TapdError` subclass with a stable
+kebab-case ``code`` (part of the wire contract: never rename one, only add) and
+a message that says what to do about it.  The tree is split by whose fault it
+is, the way trio separates ``ClosedResourceError`` from ``BrokenResourceError``:
+
+* :class:`ClientError` - the request is wrong or not allowed; retrying the same
+  request will fail the same way.
+* :class:`SystemFault` - the host refused or broke (kernel error, bridge full);
+  the request itself was fine.
+
+:func:`to_wire` is the single place an exception becomes a reply.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any, ClassVar
+
+
+class TapdError(Exception):
+    """Base of every error tapd reports to a client."""
+
+    code: ClassVar[str] = "internal-error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"ok": False, "error": {"code": self.code, "message": self.message}}
+
+
+# -- the client's fault --------------------------------------------------------
+
+
+class ClientError(TapdError):
+    """The request is malformed, invalid or not allowed."""
+
+    code = "bad-request"
+
+
+class ProtocolError(ClientError):
+    """The bytes on the wire are not a valid request.  The only exception the
+    protocol module raises."""
+
+    code = "bad-request"
+
+
+class LineTooLong(ProtocolError):
+    code = "line-too-long"
+
+
+class MalformedJson(ProtocolError):
+    code = "malformed-json"
+
+
+class NotAnObject(ProtocolError):
+    code = "not-an-object"
+
+
+class MissingOp(ProtocolError):
+    code = "missing-op"
+
+
+class UnknownOp(ProtocolError):
+    code = "unknown-op"
+
+
+class UnknownKey(ProtocolError):
+    code = "unknown-key"
+
+
+class InvalidValue(ProtocolError):
+    code = "invalid-value"
+
+
+class TooManyFds(ProtocolError):
+    """More fds in one message than the kernel would deliver (MSG_CTRUNC)."""
+
+    code = "too-many-fds"
+
+
+class RequestTimeout(ClientError):
+    code = "timeout"
+
+
+class InvalidOptions(ProtocolError):
+    """A combination of options QEMU itself would refuse."""
+
+    code = "invalid-options"
+
+
+class InvalidIfname(ClientError):
+    code = "invalid-ifname"
+
+
+class IfnameTaken(ClientError):
+    code = "ifname-taken"
+
+
+class BridgeNotFound(ClientError):
+    code = "bridge-not-found"
+
+
+class NotABridge(ClientError):
+    code = "not-a-bridge"
+
+
+class Denied(ClientError):
+    """Policy refused the request."""
+
+    code = "denied"
+
+
+class Unsupported(ClientError):
+    """A valid option this version of tapd does not implement yet."""
+
+    code = "unsupported"
+
+
+# -- the system's fault --------------------------------------------------------
+
+
+class SystemFault(TapdError):
+    """The request was fine; the host could not carry it out."""
+
+    code = "system-error"
+
+
+class KernelError(SystemFault):
+    """A syscall failed.  ``errno`` keeps the kernel's answer for the log."""
+
+    code = "kernel-error"
+
+    def __init__(self, message: str, err: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+class KernelPermission(KernelError):
+    code = "kernel-permission-denied"
+
+
+class BridgeFull(KernelError):
+    code = "bridge-full"
+
+
+class TunUnavailable(KernelError):
+    code = "tun-unavailable"
+
+
+class Overloaded(SystemFault):
+    code = "overloaded"
+
+
+class InternalError(SystemFault):
+    code = "internal-error"
+
+
+def kernel_error(exc: OSError, doing: str) -> KernelError:
+    """Turn a failed syscall into a :class:`KernelError` a human can act on.
+
+    ``doing`` says what tapd was trying, in the form "attaching tap0 to br0".
+    """
+    err = exc.errno or 0
+    reason = os.strerror(err) if err else str(exc)
+    if err in (errno.EPERM, errno.EACCES):
+        return KernelPermission(
+            f"the kernel refused {doing}: {reason}; tapd needs CAP_NET_ADMIN "
+            "and access to /dev/net/tun",
+            err,
+        )
+    if err == errno.EXFULL:
+        # net/bridge/br_if.c: br_add_if() refuses a port past BR_MAX_PORTS (1024).
+        return BridgeFull(
+            f"the kernel refused {doing}: the bridge already has the most ports "
+            "a Linux bridge takes (1024); use another bridge",
+            err,
+        )
+    return KernelError(f"the kernel refused {doing}: {reason}", err)
+
+
+def to_wire(exc: BaseException) -> dict[str, Any]:
+    """The reply for any exception: tapd's own carry their code, anything
+    else is an internal error whose details stay in the log."""
+    if isinstance(exc, TapdError):
+        return exc.to_wire()
+    return InternalError(
+        "tapd hit an internal error; the request was not carried out "
+        "(details are in the daemon's log)"
+    ).to_wire()

@@ -1,0 +1,97 @@
+"""Request and reply models shared by the daemon, the client and the docs.
+
+Every model is frozen and forbids unknown keys.  Field names and types mirror
+QAPI's ``NetdevTapOptions`` (qapi/net.json), so the keys a VMM would put in a
+QMP ``netdev_add`` of type ``tap`` are the keys of a tapd request.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: <linux/if.h>: IFNAMSIZ is 16 including the terminating NUL.
+IFNAMSIZ = 16
+
+#: drivers/net/tun.c: MAX_TAP_QUEUES is 256 (QEMU's own define of 1024 is not
+#: reachable: the 257th TUNSETIFF on one device fails with E2BIG).
+MAX_TAP_QUEUES = 256
+
+UInt32 = Annotated[int, Field(ge=0, le=0xFFFF_FFFF)]
+UInt64 = Annotated[int, Field(ge=0, le=0xFFFF_FFFF_FFFF_FFFF)]
+
+
+class _Frozen(BaseModel):
+    # strict: a JSON string is never quietly turned into a number or a bool,
+    # as QMP would refuse it too.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class TapOptions(_Frozen):
+    """QAPI ``NetdevTapOptions``: every member optional, spelled as in QAPI."""
+
+    ifname: str | None = None
+    fd: str | None = None
+    fds: str | None = None
+    script: str | None = None
+    downscript: str | None = None
+    br: str | None = None
+    helper: str | None = None
+    sndbuf: UInt64 | None = None
+    vnet_hdr: bool | None = None
+    vhost: bool | None = None
+    vhostfd: str | None = None
+    vhostfds: str | None = None
+    vhostforce: bool | None = None
+    queues: UInt32 | None = None
+    poll_us: UInt32 | None = Field(default=None, alias="poll-us")
+
+    def given(self) -> dict[str, Any]:
+        """The options the client actually set, spelled as on the wire."""
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+class TapRequest(TapOptions):
+    """``{"op": "request", ...}``: make (or adopt) a tap and attach it to ``br``."""
+
+    op: Literal["request"]
+
+
+class HelloRequest(_Frozen):
+    """``{"op": "hello"}``: which protocol and daemon version is this?"""
+
+    op: Literal["hello"]
+
+
+Request = HelloRequest | TapRequest
+
+#: op name -> model; the protocol module dispatches on it.
+REQUEST_MODELS: dict[str, type[HelloRequest] | type[TapRequest]] = {
+    "hello": HelloRequest,
+    "request": TapRequest,
+}
+
+
+class HelloReply(_Frozen):
+    ok: Literal[True] = True
+    protocol: int
+    version: str
+    ops: tuple[str, ...]
+
+
+class TapReply(_Frozen):
+    """A granted request.  The fds follow in ``SCM_RIGHTS``: first ``fds`` tap
+    queue fds, then ``vhostfds`` vhost fds, in that order, possibly spread over
+    several messages (the kernel carries at most 253 fds in one)."""
+
+    ok: Literal[True] = True
+    ifname: str
+    bridge: str
+    fds: int
+    vhostfds: int = 0
+    vnet_hdr: bool
+    vnet_hdr_len: int
+    mac: str
+    mtu: int
+    warnings: tuple[str, ...] = ()
