@@ -1,0 +1,238 @@
+"""Everything tapd does through ``/dev/net/tun`` and ``ioctl``.
+
+This module and :mod:`tapd.netlink` are the only two that reach the kernel.
+Constants come from ``<linux/if_tun.h>`` and ``<linux/if.h>``; each function
+is a thin, synchronous wrapper that turns a failed syscall into a
+:class:`~tapd.errors.KernelError` (or a more precise error) with a message a
+human can act on.  Callers run these off the trio loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .errors import IfnameTaken, TunUnavailable, kernel_error
+
+TUN_PATH = "/dev/net/tun"
+
+# <asm-generic/ioctl.h>: _IOW('T', nr, int) / _IOR('T', nr, unsigned int), as
+# spelled in <linux/if_tun.h>.
+TUNSETIFF = 0x400454CA  # _IOW('T', 202, int)
+TUNSETPERSIST = 0x400454CB  # _IOW('T', 203, int)
+TUNSETOWNER = 0x400454CC  # _IOW('T', 204, int)
+TUNSETGROUP = 0x400454CE  # _IOW('T', 206, int)
+TUNGETFEATURES = 0x800454CF  # _IOR('T', 207, unsigned int)
+TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
+TUNGETIFF = 0x800454D2  # _IOR('T', 210, unsigned int)
+TUNGETSNDBUF = 0x800454D3  # _IOR('T', 211, int)
+TUNSETSNDBUF = 0x400454D4  # _IOW('T', 212, int)
+TUNGETVNETHDRSZ = 0x800454D7  # _IOR('T', 215, int)
+TUNSETVNETHDRSZ = 0x400454D8  # _IOW('T', 216, int)
+
+# <linux/if_tun.h> TUNSETIFF flags
+IFF_TUN = 0x0001
+IFF_TAP = 0x0002
+IFF_MULTI_QUEUE = 0x0100
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+IFF_TUN_EXCL = 0x8000
+
+# <linux/if_tun.h> TUNSETOFFLOAD bits
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_TSO_ECN = 0x08
+TUN_F_UFO = 0x10
+
+#: <linux/if.h>: struct ifreq is a 16-byte name followed by a 24-byte union.
+_IFREQ = struct.Struct("16sH22x")
+_INT = struct.Struct("i")
+
+#: <linux/virtio_net.h>: sizeof(struct virtio_net_hdr), the header length QEMU
+#: sets with TUNSETVNETHDRSZ at init (net_tap_fd_init).
+VIRTIO_NET_HDR_LEN = 10
+
+#: QEMU's tap_set_sndbuf(): no sndbuf= (or 0) means INT_MAX, larger is clamped.
+SNDBUF_DEFAULT = 0x7FFF_FFFF
+
+
+@dataclass(frozen=True)
+class Features:
+    """What this kernel's tun driver offers (``TUNGETFEATURES``)."""
+
+    flags: int
+
+    @property
+    def vnet_hdr(self) -> bool:
+        return bool(self.flags & IFF_VNET_HDR)
+
+    @property
+    def multi_queue(self) -> bool:
+        return bool(self.flags & IFF_MULTI_QUEUE)
+
+
+@dataclass(frozen=True)
+class TapInfo:
+    """``TUNGETIFF`` on a queue fd: the device's name and its TUNSETIFF flags."""
+
+    name: str
+    flags: int
+
+    @property
+    def is_tap(self) -> bool:
+        return bool(self.flags & IFF_TAP)
+
+    @property
+    def vnet_hdr(self) -> bool:
+        return bool(self.flags & IFF_VNET_HDR)
+
+
+def _open(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise TunUnavailable(
+            f"{path} does not exist; load the tun module (modprobe tun)",
+            errno.ENOENT,
+        ) from None
+    except OSError as exc:
+        raise kernel_error(exc, f"opening {path}") from None
+
+
+def probe_features(path: str = TUN_PATH) -> Features:
+    fd = _open(path)
+    try:
+        buf = fcntl.ioctl(fd, TUNGETFEATURES, _INT.pack(0))
+        return Features(flags=_INT.unpack(buf)[0] & 0xFFFF_FFFF)
+    except OSError as exc:
+        raise kernel_error(exc, "asking the tun driver for its features") from None
+    finally:
+        os.close(fd)
+
+
+def close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _setiff(fd: int, name: str, flags: int) -> str:
+    buf = fcntl.ioctl(fd, TUNSETIFF, _IFREQ.pack(name.encode(), flags))
+    raw: bytes = _IFREQ.unpack(buf)[0]
+    return raw.rstrip(b"\0").decode()
+
+
+def create_tap(
+    name: str,
+    *,
+    queues: int = 1,
+    vnet_hdr: bool = True,
+    path: str = TUN_PATH,
+) -> list[int]:
+    """Create tap ``name`` with ``queues`` queue fds and return them.
+
+    The first ``TUNSETIFF`` carries ``IFF_TUN_EXCL``: without it the kernel
+    would *attach* to an existing device of that name instead of failing
+    (drivers/net/tun.c: tun_set_iff).  Later queues attach to the device this
+    call just made.  On any failure every fd opened so far is closed, which
+    removes the (non-persistent) device with it.
+    """
+    flags = IFF_TAP | IFF_NO_PI
+    if vnet_hdr:
+        flags |= IFF_VNET_HDR
+    if queues > 1:
+        flags |= IFF_MULTI_QUEUE
+    fds: list[int] = []
+    try:
+        for queue in range(queues):
+            fd = _open(path)
+            fds.append(fd)
+            try:
+                _setiff(fd, name, flags | (IFF_TUN_EXCL if queue == 0 else 0))
+            except OSError as exc:
+                if queue == 0 and exc.errno == errno.EBUSY:
+                    raise IfnameTaken(
+                        f"an interface named {name!r} already exists; "
+                        "choose another ifname or leave it out"
+                    ) from None
+                raise kernel_error(exc, f"creating queue {queue} of tap {name!r}") from None
+    except BaseException:
+        close_all(fds)
+        raise
+    return fds
+
+
+def tap_info(fd: int) -> TapInfo:
+    try:
+        buf = fcntl.ioctl(fd, TUNGETIFF, _IFREQ.pack(b"", 0))
+    except OSError as exc:
+        raise kernel_error(exc, f"reading the tap behind fd {fd}") from None
+    raw, flags = _IFREQ.unpack(buf)
+    return TapInfo(name=raw.rstrip(b"\0").decode(errors="replace"), flags=flags)
+
+
+def _set_int(fd: int, request: int, value: int, doing: str) -> None:
+    try:
+        fcntl.ioctl(fd, request, _INT.pack(value))
+    except OSError as exc:
+        raise kernel_error(exc, doing) from None
+
+
+def _get_int(fd: int, request: int, doing: str) -> int:
+    try:
+        return int(_INT.unpack(fcntl.ioctl(fd, request, _INT.pack(0)))[0])
+    except OSError as exc:
+        raise kernel_error(exc, doing) from None
+
+
+def set_sndbuf(fd: int, size: int) -> None:
+    _set_int(fd, TUNSETSNDBUF, size, "setting the tap's send buffer")
+
+
+def get_sndbuf(fd: int) -> int:
+    return _get_int(fd, TUNGETSNDBUF, "reading the tap's send buffer")
+
+
+def set_vnet_hdr_len(fd: int, length: int) -> None:
+    _set_int(fd, TUNSETVNETHDRSZ, length, "setting the tap's vnet header length")
+
+
+def get_vnet_hdr_len(fd: int) -> int:
+    return _get_int(fd, TUNGETVNETHDRSZ, "reading the tap's vnet header length")
+
+
+def set_offload(fd: int, offload: int) -> None:
+    _set_arg(fd, TUNSETOFFLOAD, offload, "setting the tap's offloads")
+
+
+def _set_arg(fd: int, request: int, value: int, doing: str) -> None:
+    # TUNSETOWNER, TUNSETGROUP, TUNSETPERSIST and TUNSETOFFLOAD take their value
+    # as the ioctl argument itself, not through a pointer (drivers/net/tun.c:
+    # __tun_chr_ioctl uses `arg` directly for them).
+    try:
+        fcntl.ioctl(fd, request, value)
+    except OSError as exc:
+        raise kernel_error(exc, doing) from None
+
+
+def set_owner(fd: int, uid: int) -> None:
+    _set_arg(fd, TUNSETOWNER, uid, f"giving the tap to uid {uid}")
+
+
+def set_group(fd: int, gid: int) -> None:
+    _set_arg(fd, TUNSETGROUP, gid, f"giving the tap to gid {gid}")
+
+
+def ifindex(name: str) -> int:
+    """The interface index of ``name`` in tapd's own network namespace."""
+    try:
+        return socket.if_nametoindex(name)
+    except OSError as exc:
+        raise kernel_error(exc, f"looking up interface {name!r}") from None

@@ -1,0 +1,72 @@
+"""One thread for every blocking kernel call.
+
+pyroute2 keeps its event loop and sockets in thread-local storage, and the
+kernel serialises link changes under the RTNL lock anyway, so tapd runs all
+of its tun and netlink work in a single long-lived thread.  The trio loop
+hands it a callable and sleeps until the result is back: the loop never
+blocks on the kernel, and no thread is created per request.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+import outcome
+import trio
+
+T = TypeVar("T")
+
+_STOP = object()
+
+
+class KernelWorker:
+    def __init__(self, name: str = "tapd-kernel") -> None:
+        self._jobs: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is _STOP:
+                return
+            job()  # type: ignore[operator]
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn(*args)`` in the kernel thread and return its result.
+
+        Not cancellable once submitted: a kernel call that made something
+        (a tap, an fd) must hand it back to a caller that will clean it up.
+        """
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        result: list[outcome.Outcome[T]] = []
+
+        def job() -> None:
+            result.append(outcome.capture(fn, *args))
+            token.run_sync_soon(done.set)
+
+        self._jobs.put(job)
+        with trio.CancelScope(shield=True):
+            await done.wait()
+        return result[0].unwrap()
+
+    def call(self, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn(*args)`` in the kernel thread from plain (non-trio) code."""
+        box: list[outcome.Outcome[T]] = []
+        ready = threading.Event()
+
+        def job() -> None:
+            box.append(outcome.capture(fn, *args))
+            ready.set()
+
+        self._jobs.put(job)
+        ready.wait()
+        return box[0].unwrap()
+
+    def close(self) -> None:
+        self._jobs.put(_STOP)
+        self._thread.join(timeout=5)
