@@ -1,0 +1,141 @@
+"""A small synchronous client for tapd: what ``tapctl`` uses, and what a
+Python VMM manager imports.
+
+    grant = request_tap(br="br0")
+    subprocess.run(["qemu-system-x86_64", ..., "-netdev", f"tap,id=n0,{grant.netdev_args()}"],
+                   pass_fds=grant.tap_fds)
+    grant.close()
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import fdpass, protocol
+from .config import DEFAULT_SOCKET
+from .errors import ProtocolError
+from .tun import close_all
+
+ENV_SOCKET = "TAPD_SOCKET"
+
+
+def socket_path(explicit: str | None = None) -> str:
+    """--socket, else $TAPD_SOCKET, else /run/tapd.sock."""
+    return explicit or os.environ.get(ENV_SOCKET) or DEFAULT_SOCKET
+
+
+class ClientError(Exception):
+    """tapd answered with an error, or could not be reached.  ``code`` is the
+    daemon's stable error code (or a client-side one such as ``unreachable``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{message} [{code}]")
+        self.code = code
+        self.message = message
+
+
+def call(
+    request: dict[str, Any],
+    *,
+    path: str | None = None,
+    fds: Sequence[int] = (),
+    timeout: float | None = 60.0,
+) -> tuple[dict[str, Any], list[int]]:
+    """Send one request; return the reply and the fds that came with it.
+
+    Raises :class:`ClientError` for an error reply.  The caller owns the
+    returned fds.
+    """
+    where = socket_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    received: list[int] = []
+    try:
+        try:
+            sock.connect(where)
+        except OSError as exc:
+            raise ClientError(
+                "unreachable",
+                f"cannot connect to tapd at {where}: {exc.strerror or exc}; is tapd "
+                f"running? (set --socket or ${ENV_SOCKET} if it listens elsewhere)",
+            ) from None
+        fdpass.send_line_sync(sock, protocol.encode(request), fds)
+        lines = protocol.LineBuffer(limit=1 << 20)
+        line = None
+        while line is None:
+            chunk = fdpass.recv_sync(sock)
+            received.extend(chunk.fds)
+            if chunk.truncated:
+                raise ClientError("too-many-fds", "the reply's fds did not fit; none were kept")
+            if not chunk.data:
+                raise ClientError("disconnected", "tapd closed the connection without a reply")
+            lines.feed(chunk.data)
+            line = lines.next_line()
+        try:
+            reply = protocol.decode_reply(line)
+        except ProtocolError as exc:
+            raise ClientError("bad-reply", f"tapd sent an unreadable reply: {exc}") from None
+        if not reply["ok"]:
+            error = reply.get("error") or {}
+            raise ClientError(
+                str(error.get("code", "unknown")), str(error.get("message", "request failed"))
+            )
+        result = received
+        received = []
+        return reply, result
+    except TimeoutError:
+        raise ClientError("timeout", f"tapd at {where} did not answer in time") from None
+    finally:
+        close_all(received)
+        sock.close()
+
+
+@dataclass
+class TapGrant:
+    """A granted request: the reply and the fds, tap queues first."""
+
+    reply: dict[str, Any]
+    tap_fds: list[int]
+    vhost_fds: list[int] = field(default_factory=list)
+
+    @property
+    def ifname(self) -> str:
+        return str(self.reply["ifname"])
+
+    def netdev_args(self) -> str:
+        """The fd part of a QEMU ``-netdev tap,...`` argument."""
+        if len(self.tap_fds) == 1 and not self.vhost_fds:
+            return f"fd={self.tap_fds[0]}"
+        args = "fds=" + ":".join(map(str, self.tap_fds))
+        if self.vhost_fds:
+            args += ",vhost=on,vhostfds=" + ":".join(map(str, self.vhost_fds))
+        return args
+
+    def close(self) -> None:
+        close_all(self.tap_fds + self.vhost_fds)
+        self.tap_fds, self.vhost_fds = [], []
+
+
+def request_tap(*, path: str | None = None, **options: Any) -> TapGrant:
+    """Ask for a tap.  ``options`` are QEMU's ``-netdev tap`` keys (use
+    ``poll_us`` for ``poll-us``); None values are left out."""
+    body: dict[str, Any] = {"op": "request"}
+    for key, value in options.items():
+        if value is not None:
+            body[key.replace("_", "-") if key == "poll_us" else key] = value
+    reply, fds = call(body, path=path)
+    ntap, nvhost = int(reply.get("fds", 0)), int(reply.get("vhostfds", 0))
+    if len(fds) != ntap + nvhost:
+        close_all(fds)
+        raise ClientError("bad-reply", f"tapd promised {ntap + nvhost} fds but {len(fds)} arrived")
+    return TapGrant(reply=reply, tap_fds=fds[:ntap], vhost_fds=fds[ntap:])
+
+
+def hello(*, path: str | None = None) -> dict[str, Any]:
+    reply, fds = call({"op": "hello"}, path=path)
+    close_all(fds)
+    return reply

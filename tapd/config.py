@@ -1,0 +1,133 @@
+"""tapd's configuration: a TOML file validated by frozen pydantic models.
+
+Every section has built-in defaults, so the file is optional; with none, only
+root is served.  Unknown keys and bad values are refused with the key path and
+what would be valid.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .tun import TUN_PATH
+
+DEFAULT_SOCKET = "/run/tapd.sock"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerConfig(_Section):
+    socket: str = DEFAULT_SOCKET
+    #: permission bits of the socket file, as an octal string
+    socket_mode: str = "0660"
+    #: group owning the socket file (name or numeric id); None keeps root's
+    socket_group: str | None = None
+    max_connections: Annotated[int, Field(ge=1, le=65536)] = 1024
+    #: seconds a connection may sit without sending a complete request
+    request_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
+
+    @field_validator("socket_mode")
+    @classmethod
+    def _octal_mode(cls, value: str) -> str:
+        try:
+            mode = int(value, 8)
+        except ValueError:
+            raise ValueError(f'{value!r} is not an octal mode such as "0660"') from None
+        if not 0 <= mode <= 0o777:
+            raise ValueError(f"{value!r} is outside 0000..0777")
+        return value
+
+    @property
+    def mode(self) -> int:
+        return int(self.socket_mode, 8)
+
+
+class TapsConfig(_Section):
+    #: name of a new tap when the request gives no ifname.  {rand} is 8 random
+    #: hex digits (never reused soon, unlike the kernel's tap%d), {uid} the
+    #: requester's uid.  At most 15 bytes once filled in.
+    name_template: str = "tap{rand}"
+    tun_device: str = TUN_PATH
+
+    @field_validator("name_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        if "{rand}" not in value:
+            raise ValueError("must contain {rand} so that generated names do not collide")
+        try:
+            sample = value.format(rand="0" * 8, uid=4294967295)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"only {{rand}} and {{uid}} may appear ({exc})") from None
+        if len(sample.encode()) > 15:
+            raise ValueError(
+                f"filled in it can be {len(sample.encode())} bytes; an interface "
+                "name has at most 15"
+            )
+        return value
+
+
+class Rule(_Section):
+    """One [[allow]] or [[deny]] entry.  Users and groups are names or numeric
+    ids, as strings; a rule with neither matches nobody."""
+
+    users: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    bridges: tuple[str, ...] = ("*",)
+    #: allow only: the most queues one request may ask for
+    max_queues: Annotated[int, Field(ge=1, le=256)] | None = None
+
+
+class Config(_Section):
+    server: ServerConfig = ServerConfig()
+    taps: TapsConfig = TapsConfig()
+    allow: tuple[Rule, ...] = (Rule(users=("0",)),)
+    deny: tuple[Rule, ...] = ()
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` lists each one."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__(f"{path}: " + "; ".join(problems))
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out or "(top level)"
+
+
+def parse(text: str, path: str = "<config>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            f"{_loc(e['loc'])}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
+            for e in exc.errors(include_url=False)
+        ]
+        raise ConfigError(path, problems) from None
+
+
+def load(path: str | None) -> Config:
+    if path is None:
+        return Config()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, [f"cannot read it: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, ["not UTF-8 text"]) from None
+    return parse(text, path)

@@ -1,0 +1,119 @@
+"""``tapd``: the daemon's command line and its life from start to stop."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+import trio
+
+from . import __version__
+from . import log as logging
+from .config import DEFAULT_SOCKET, Config, ConfigError, load
+from .errors import TapdError
+from .listen import Listener, ListenError, at_path, from_fd, from_systemd
+from .server import Server, Service
+from .taps import KernelTaps
+from .worker import KernelWorker
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tapd",
+        description="Hand bridged tap devices to unprivileged VMMs over a UNIX socket.",
+    )
+    p.add_argument("--config", metavar="PATH", help="TOML configuration (default: built-in)")
+    p.add_argument(
+        "--socket",
+        metavar="PATH",
+        help=f"listen on this path (default: the config's, else {DEFAULT_SOCKET})",
+    )
+    p.add_argument(
+        "--listen-fd",
+        metavar="N",
+        type=int,
+        help="serve an inherited, already listening UNIX socket on fd N",
+    )
+    p.add_argument(
+        "--check-config",
+        metavar="PATH",
+        help="validate a configuration file, print each problem, and exit",
+    )
+    p.add_argument("--version", action="version", version=f"tapd {__version__}")
+    return p
+
+
+def open_listener(config: Config, socket_path: str | None, listen_fd: int | None) -> Listener:
+    if listen_fd is not None:
+        return from_fd(listen_fd)
+    activated = from_systemd()
+    if activated is not None:
+        return activated
+    server = config.server
+    return at_path(socket_path or server.socket, server.mode, server.socket_group)
+
+
+async def run(config: Config, listener: Listener) -> None:
+    log = logging.get()
+    worker = KernelWorker()
+    maker = KernelTaps(config.taps.tun_device)
+    try:
+        try:
+            features = await worker.run(lambda: maker.features)
+            log.info("tun.features", vnet_hdr=features.vnet_hdr, multi_queue=features.multi_queue)
+        except TapdError as exc:
+            # Keep serving: every request will get this error, with its advice.
+            log.error("tun.unavailable", message=exc.message)
+        server = Server(Service(config, maker, worker), config)
+        sock = trio.socket.from_stdlib_socket(listener.sock)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve, sock)
+                log.info(
+                    "server.listening",
+                    source=listener.source,
+                    path=listener.path,
+                    version=__version__,
+                )
+                async for signum in signals:
+                    log.info("server.stopping", signal=signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+    finally:
+        await worker.run(maker.close)
+        worker.close()
+        listener.cleanup()
+        log.info("server.stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.configure()
+    log = logging.get()
+    if args.check_config is not None:
+        try:
+            load(args.check_config)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                print(f"{exc.path}: {problem}", file=sys.stderr)
+            return 1
+        print(f"{args.check_config}: ok")
+        return 0
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("config.invalid", path=exc.path, problem=problem)
+        return 2
+    try:
+        listener = open_listener(config, args.socket, args.listen_fd)
+    except ListenError as exc:
+        log.error("server.listen.failed", message=str(exc))
+        return 2
+    trio.run(run, config, listener)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Where the daemon's listening socket comes from.
+
+Three ways, in this order of precedence:
+
+1. ``--listen-fd N``: a listening socket the parent opened and left open
+   (as QEMU's chardev ``fd=`` takes one, so the parent can connect at once
+   without retrying until the daemon is up);
+2. systemd socket activation: ``LISTEN_PID`` names us and ``LISTEN_FDS`` >= 1,
+   the socket is fd 3 (sd_listen_fds(3));
+3. a path: bound under a temporary name, given its mode and group, and only
+   then renamed into place, so the socket never exists with the wrong
+   permissions and a stale socket file is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+#: sd_listen_fds(3): the first passed fd
+SD_LISTEN_FDS_START = 3
+#: <linux/un.h>: sun_path is 108 bytes including the NUL
+SUN_PATH_MAX = 107
+
+
+class ListenError(Exception):
+    """The daemon cannot listen; the message says why and what to do."""
+
+
+@dataclass
+class Listener:
+    sock: socket.socket
+    source: str  # "path", "listen-fd" or "systemd"
+    path: str | None = None  # the socket file we created, to remove on exit
+    inode: int | None = None
+
+    def cleanup(self) -> None:
+        """Remove our socket file, unless something else has replaced it."""
+        if self.path is None:
+            return
+        with contextlib.suppress(OSError):
+            if os.lstat(self.path).st_ino == self.inode:
+                os.unlink(self.path)
+
+
+def _check_listening_unix(sock: socket.socket, what: str) -> None:
+    try:
+        family = sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError as exc:
+        raise ListenError(f"{what} is not a socket: {exc.strerror}") from None
+    if family != socket.AF_UNIX or kind != socket.SOCK_STREAM:
+        raise ListenError(f"{what} is not a UNIX stream socket")
+    if not listening:
+        raise ListenError(f"{what} is not listening; call listen() on it before passing it")
+
+
+def from_fd(fd: int) -> Listener:
+    try:
+        os.fstat(fd)
+    except OSError:
+        raise ListenError(f"--listen-fd {fd}: no such open file descriptor") from None
+    sock = socket.socket(fileno=fd)
+    _check_listening_unix(sock, f"--listen-fd {fd}")
+    os.set_inheritable(fd, False)
+    return Listener(sock=sock, source="listen-fd")
+
+
+def from_systemd(environ: dict[str, str] | None = None) -> Listener | None:
+    """The socket systemd passed us, or None if we were not socket-activated."""
+    env = os.environ if environ is None else environ
+    if env.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    try:
+        count = int(env.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return None
+    # sd_listen_fds(unset_environment=1): our children must not think it is theirs.
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(key, None)
+    if count < 1:
+        return None
+    if count > 1:
+        raise ListenError(
+            f"systemd passed {count} sockets; tapd.socket should have exactly one ListenStream="
+        )
+    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    _check_listening_unix(sock, "the socket systemd passed")
+    os.set_inheritable(SD_LISTEN_FDS_START, False)
+    return Listener(sock=sock, source="systemd")
+
+
+def _gid(group: str) -> int:
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ListenError(f"socket_group {group!r}: no such group") from None
+
+
+def _refuse_if_live(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ListenError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return  # stale: nobody listens there any more
+        raise ListenError(f"cannot tell whether {path} is in use: {exc.strerror}") from None
+    else:
+        raise ListenError(f"another process is already serving {path}; stop it first")
+    finally:
+        probe.close()
+
+
+def at_path(path: str, mode: int = 0o660, group: str | None = None, backlog: int = 512) -> Listener:
+    if len(os.fsencode(path)) > SUN_PATH_MAX:
+        raise ListenError(f"socket path {path!r} is longer than {SUN_PATH_MAX} bytes")
+    _refuse_if_live(path)
+    gid = _gid(group) if group is not None else -1
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(tmp)
+        os.chmod(tmp, mode)
+        if gid != -1:
+            os.chown(tmp, -1, gid)
+        sock.listen(backlog)
+        os.rename(tmp, path)
+    except OSError as exc:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise ListenError(f"cannot listen on {path}: {exc.strerror}") from None
+    return Listener(sock=sock, source="path", path=path, inode=os.lstat(path).st_ino)
