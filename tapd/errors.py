@@ -174,10 +174,11 @@ def kernel_error(exc: OSError, doing: str) -> KernelError:
             err,
         )
     if err == errno.EXFULL:
-        # net/bridge/br_if.c: br_add_if() refuses a port past BR_MAX_PORTS (1024).
+        # net/bridge/br_if.c: find_portno() hands out port numbers from a
+        # BR_MAX_PORTS (1024) bitmap whose bit 0 is reserved.
         return BridgeFull(
             f"the kernel refused {doing}: the bridge already has the most ports "
-            "a Linux bridge takes (1024); use another bridge",
+            "a Linux bridge takes (1023); use another bridge",
             err,
         )
     return KernelError(f"the kernel refused {doing}: {reason}", err)

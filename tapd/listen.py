@@ -48,6 +48,17 @@ class Listener:
                 os.unlink(self.path)
 
 
+def _adopt(fd: int, what: str) -> socket.socket:
+    """Wrap an inherited fd, checking that it is a listening UNIX stream socket."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ListenError(f"{what} is not a socket: {exc.strerror}") from None
+    _check_listening_unix(sock, what)
+    os.set_inheritable(fd, False)
+    return sock
+
+
 def _check_listening_unix(sock: socket.socket, what: str) -> None:
     try:
         family = sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
@@ -66,10 +77,7 @@ def from_fd(fd: int) -> Listener:
         os.fstat(fd)
     except OSError:
         raise ListenError(f"--listen-fd {fd}: no such open file descriptor") from None
-    sock = socket.socket(fileno=fd)
-    _check_listening_unix(sock, f"--listen-fd {fd}")
-    os.set_inheritable(fd, False)
-    return Listener(sock=sock, source="listen-fd")
+    return Listener(sock=_adopt(fd, f"--listen-fd {fd}"), source="listen-fd")
 
 
 def from_systemd(environ: dict[str, str] | None = None) -> Listener | None:
@@ -90,10 +98,7 @@ def from_systemd(environ: dict[str, str] | None = None) -> Listener | None:
         raise ListenError(
             f"systemd passed {count} sockets; tapd.socket should have exactly one ListenStream="
         )
-    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
-    _check_listening_unix(sock, "the socket systemd passed")
-    os.set_inheritable(SD_LISTEN_FDS_START, False)
-    return Listener(sock=sock, source="systemd")
+    return Listener(sock=_adopt(SD_LISTEN_FDS_START, "the socket systemd passed"), source="systemd")
 
 
 def _gid(group: str) -> int:

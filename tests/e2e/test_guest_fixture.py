@@ -8,14 +8,12 @@ the bridge address.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator
 
 import pytest
 from guest import (
     GuestImage,
-    build_guest,
     netns,
     parse_guest_output,
     qemu_argv,
@@ -32,16 +30,9 @@ def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True)
 
 
-@pytest.fixture(scope="module")
-def guest_image() -> GuestImage:
-    return build_guest()
-
-
 @pytest.fixture
 def bridged_tap_ns() -> Iterator[str]:
     """A netns holding br0 (with BRIDGE_ADDR) and a persistent tap on it."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create network namespaces")
     with netns() as ns:
         ip("-n", ns, "link", "add", "br0", "type", "bridge")
         ip("-n", ns, "addr", "add", f"{BRIDGE_ADDR}/24", "dev", "br0")

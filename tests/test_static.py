@@ -1,0 +1,27 @@
+"""The code checks its own types and lint as part of the suite."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_mypy_strict_is_clean() -> None:
+    result = _run("mypy")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_is_clean() -> None:
+    result = _run("ruff", "check", "tapd", "tests")
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = _run("ruff", "format", "--check", "tapd", "tests")
+    assert result.returncode == 0, result.stdout + result.stderr
