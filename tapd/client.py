@@ -120,14 +120,17 @@ class TapGrant:
         self.tap_fds, self.vhost_fds = [], []
 
 
-def request_tap(*, path: str | None = None, **options: Any) -> TapGrant:
+def request_tap(
+    *, path: str | None = None, send_fds: Sequence[int] = (), **options: Any
+) -> TapGrant:
     """Ask for a tap.  ``options`` are QEMU's ``-netdev tap`` keys (use
-    ``poll_us`` for ``poll-us``); None values are left out."""
+    ``poll_us`` for ``poll-us``); None values are left out.  With ``fd=`` or
+    ``fds=``, ``send_fds`` are the tap fds to attach, in the order named."""
     body: dict[str, Any] = {"op": "request"}
     for key, value in options.items():
         if value is not None:
-            body[key.replace("_", "-") if key == "poll_us" else key] = value
-    reply, fds = call(body, path=path)
+            body["poll-us" if key == "poll_us" else key] = value
+    reply, fds = call(body, path=path, fds=send_fds)
     ntap, nvhost = int(reply.get("fds", 0)), int(reply.get("vhostfds", 0))
     if len(fds) != ntap + nvhost:
         close_all(fds)

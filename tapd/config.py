@@ -7,11 +7,20 @@ what would be valid.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 from .tun import TUN_PATH
 
@@ -72,6 +81,36 @@ class TapsConfig(_Section):
         return value
 
 
+def _program(path: str) -> str:
+    if not os.path.isabs(path):
+        raise ValueError(f"{path!r} is not an absolute path")
+    if not os.access(path, os.X_OK) or not os.path.isfile(path):
+        raise ValueError(f"{path!r} is not an executable file")
+    return path
+
+
+#: what clients name a helper or hook by (never a path)
+ProgramName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+Program = Annotated[str, AfterValidator(_program)]
+
+
+class VhostConfig(_Section):
+    #: the vhost-net device tapd opens once per queue for vhost=on
+    device: str = "/dev/vhost-net"
+
+
+class ProgramsConfig(_Section):
+    """Programs the admin lets clients run by name: QEMU-protocol bridge helpers
+    (``helper=NAME``) and network scripts (``script=NAME``, ``downscript=NAME``)."""
+
+    helpers: dict[ProgramName, Program] = {}
+    hooks: dict[ProgramName, Program] = {}
+    #: seconds a helper may take to hand back its fd and exit
+    helper_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
+    #: seconds a script may run
+    hook_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
+
+
 class Rule(_Section):
     """One [[allow]] or [[deny]] entry.  Users and groups are names or numeric
     ids, as strings; a rule with neither matches nobody."""
@@ -86,6 +125,8 @@ class Rule(_Section):
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     taps: TapsConfig = TapsConfig()
+    vhost: VhostConfig = VhostConfig()
+    programs: ProgramsConfig = ProgramsConfig()
     allow: tuple[Rule, ...] = (Rule(users=("0",)),)
     deny: tuple[Rule, ...] = ()
 

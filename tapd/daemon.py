@@ -13,7 +13,8 @@ from . import log as logging
 from .config import DEFAULT_SOCKET, Config, ConfigError, load
 from .errors import TapdError
 from .listen import Listener, ListenError, at_path, from_fd, from_systemd
-from .server import Server, Service
+from .server import Server
+from .service import Service
 from .taps import KernelTaps
 from .worker import KernelWorker
 
@@ -65,7 +66,7 @@ async def run(config: Config, listener: Listener) -> None:
         except TapdError as exc:
             # Keep serving: every request will get this error, with its advice.
             log.error("tun.unavailable", message=exc.message)
-        server = Server(Service(config, maker, worker), config)
+        server = Server(Service(config, maker, worker))
         sock = trio.socket.from_stdlib_socket(listener.sock)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:

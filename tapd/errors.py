@@ -109,6 +109,12 @@ class NotABridge(ClientError):
     code = "not-a-bridge"
 
 
+class NotATap(ClientError):
+    """An fd sent with fd=/fds= is not a usable tap queue."""
+
+    code = "not-a-tap"
+
+
 class Denied(ClientError):
     """Policy refused the request."""
 
@@ -150,6 +156,24 @@ class BridgeFull(KernelError):
 
 class TunUnavailable(KernelError):
     code = "tun-unavailable"
+
+
+class VhostUnavailable(SystemFault):
+    """vhostforce=on, and the vhost-net device could not be opened."""
+
+    code = "vhost-unavailable"
+
+
+class HookFailed(SystemFault):
+    """The administrator's network script failed."""
+
+    code = "script-failed"
+
+
+class HelperFailed(SystemFault):
+    """The administrator's bridge helper failed."""
+
+    code = "helper-failed"
 
 
 class Overloaded(SystemFault):

@@ -94,4 +94,8 @@ class TapReply(_Frozen):
     vnet_hdr_len: int
     mac: str
     mtu: int
+    #: the send buffer the kernel reports after QEMU's defaulting and clamping
+    sndbuf: int
+    #: TUNSETOFFLOAD flags set (0 until the guest negotiates offloads, as in QEMU)
+    offloads: int = 0
     warnings: tuple[str, ...] = ()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import InvalidIfname, InvalidOptions, InvalidValue, Unsupported
+from .errors import Denied, InvalidIfname, InvalidOptions, InvalidValue
 from .models import IFNAMSIZ, MAX_TAP_QUEUES, TapOptions
 
 # Stricter than the kernel's dev_valid_name() (which forbids only "/", ":",
@@ -113,42 +113,125 @@ def check_qemu_rules(opts: TapOptions) -> None:
         raise InvalidOptions("vhostfd(s)= is not valid without vhost")
 
 
+#: QEMU's DEFAULT_BRIDGE_INTERFACE, the bridge a helper is run for without br=
+DEFAULT_HELPER_BRIDGE = "br0"
+
+_PROGRAM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
 @dataclass(frozen=True)
-class TapPlan:
-    """What tapd will build for a request that creates a tap."""
+class Vhost:
+    """What net_init_tap_one() would do about vhost, and what tapd must."""
+
+    on: bool  # vhost=on, or (vhost absent) a vhostfd given or vhostforce=on
+    force: bool
+    provide: bool  # tapd opens the device: on, and the client named no vhost fd
+
+
+@dataclass(frozen=True)
+class CreatePlan:
+    """tapd creates the tap (no fd=, fds= or helper=)."""
 
     bridge: str
     ifname: str | None
     queues: int
-    vnet_hdr: bool | None  # None: use it if the kernel offers it
+    vnet_hdr: bool | None  # None: if the kernel offers it
     sndbuf: int | None
+    vhost: Vhost
+    script: str | None
+    downscript: str | None
 
 
-def plan_create(opts: TapOptions) -> TapPlan:
-    """Check a request that asks tapd to create the tap; say what to build."""
-    check_qemu_rules(opts)
-    for key, value in (
-        ("fd", opts.fd),
-        ("fds", opts.fds),
-        ("helper", opts.helper),
-        ("vhostfd", opts.vhostfd),
-        ("vhostfds", opts.vhostfds),
-    ):
-        if value is not None:
-            raise Unsupported(f"{key}= is not supported by this version of tapd yet")
-    for key, value in (("script", opts.script), ("downscript", opts.downscript)):
-        if value not in (None, "no", ""):
-            raise Unsupported(
-                f"{key}= hooks are not supported by this version of tapd yet; "
-                f'leave {key} out or set it to "no"'
-            )
-    if opts.vhost or opts.vhostforce:
-        raise Unsupported("vhost is not supported by this version of tapd yet")
-    if opts.br is None:
+@dataclass(frozen=True)
+class AdoptPlan:
+    """The client sent tap fds of its own (fd= or fds=) to attach to ``bridge``."""
+
+    bridge: str
+    names: tuple[str, ...]  # the client's names for the tap fds, in order
+    sndbuf: int | None
+    vhost: Vhost
+
+
+@dataclass(frozen=True)
+class HelperPlan:
+    """Run the admin's helper ``helper`` for ``bridge`` and forward its fd."""
+
+    bridge: str
+    helper: str
+    sndbuf: int | None
+    vhost: Vhost
+
+
+Plan = CreatePlan | AdoptPlan | HelperPlan
+
+
+def _vhost(opts: TapOptions) -> Vhost:
+    force = bool(opts.vhostforce)
+    named = opts.vhostfd is not None or opts.vhostfds is not None
+    on = opts.vhost if opts.vhost is not None else (named or force)
+    return Vhost(on=on, force=force, provide=on and not named)
+
+
+def _bridge(value: str | None, default: str | None = None) -> str:
+    bridge = value if value is not None else default
+    if bridge is None:
         raise InvalidValue('br: name the bridge the tap should join, e.g. "br": "br0"')
-    problem = ifname_problem(opts.br)
+    problem = ifname_problem(bridge)
     if problem:
         raise InvalidValue(f"br: {problem}")
+    return bridge
+
+
+def program_name(key: str, value: str | None) -> str | None:
+    """A script/helper value: None for none, else a name (never a path)."""
+    if value is None or (key != "helper" and value in ("", "no")):
+        return None
+    if not _PROGRAM_NAME.fullmatch(value):
+        raise Denied(
+            f"{key}= takes the name of a program the administrator listed in tapd's "
+            f"configuration, not a path or command: {value!r}"
+        )
+    return value
+
+
+def _fd_names(key: str, value: str) -> tuple[str, ...]:
+    names = tuple(value.split(":"))
+    if any(not n for n in names):
+        raise InvalidValue(f"{key}: {value!r} has an empty fd name; separate names with ':'")
+    if len(names) > MAX_TAP_QUEUES:
+        raise InvalidValue(
+            f"{key}: {len(names)} fds is more than a tap has queues ({MAX_TAP_QUEUES})"
+        )
+    return names
+
+
+def plan(opts: TapOptions) -> Plan:
+    """Judge a request as QEMU would, then say what tapd will do for it."""
+    check_qemu_rules(opts)
+    vhost = _vhost(opts)
+    if opts.fd is not None:
+        return AdoptPlan(
+            bridge=_bridge(opts.br),
+            names=_fd_names("fd", opts.fd),
+            sndbuf=opts.sndbuf,
+            vhost=vhost,
+        )
+    if opts.fds is not None:
+        return AdoptPlan(
+            bridge=_bridge(opts.br),
+            names=_fd_names("fds", opts.fds),
+            sndbuf=opts.sndbuf,
+            vhost=vhost,
+        )
+    if opts.helper is not None:
+        helper = program_name("helper", opts.helper)
+        assert helper is not None
+        return HelperPlan(
+            bridge=_bridge(opts.br, DEFAULT_HELPER_BRIDGE),
+            helper=helper,
+            sndbuf=opts.sndbuf,
+            vhost=vhost,
+        )
     if opts.ifname is not None:
         problem = ifname_problem(opts.ifname)
         if problem:
@@ -160,10 +243,13 @@ def plan_create(opts: TapOptions) -> TapPlan:
             f"tap has at most {MAX_TAP_QUEUES} queues (QEMU's own limit of 1024 "
             "cannot be reached)"
         )
-    return TapPlan(
-        bridge=opts.br,
+    return CreatePlan(
+        bridge=_bridge(opts.br),
         ifname=opts.ifname,
         queues=queues,
         vnet_hdr=opts.vnet_hdr,
         sndbuf=opts.sndbuf,
+        vhost=vhost,
+        script=program_name("script", opts.script),
+        downscript=program_name("downscript", opts.downscript),
     )

@@ -2,8 +2,8 @@
 
 Each connection is its own trio task; nothing one client does (a malformed
 line, a disconnect mid-request, an idle socket) reaches another.  Requests are
-turned into replies by :class:`Service`; this module only moves bytes and fds
-(through :mod:`tapd.fdpass`) and maps exceptions to replies (through
+carried out by :class:`~tapd.service.Service`; this module only moves bytes
+and fds (through :mod:`tapd.fdpass`) and maps exceptions to replies (through
 :func:`tapd.errors.to_wire`).
 """
 
@@ -17,11 +17,9 @@ import struct
 from typing import Any
 
 import trio
-from pydantic import BaseModel
 
-from . import PROTOCOL_VERSION, __version__, fdpass, protocol
+from . import fdpass, protocol
 from . import log as logging
-from .config import Config
 from .errors import (
     ClientError,
     Denied,
@@ -32,16 +30,19 @@ from .errors import (
     TooManyFds,
     to_wire,
 )
-from .models import REQUEST_MODELS, HelloReply, HelloRequest, TapReply, TapRequest
-from .options import plan_create
-from .policy import Peer, check
-from .taps import TapMaker, TapSpec
+from .fdpass import MAX_FDS_PER_MSG
+from .models import MAX_TAP_QUEUES
+from .policy import Peer
+from .service import Grant, Service
 from .tun import close_all
-from .worker import KernelWorker
 
 #: accept() errors that mean "the host is short of something", not "the
 #: listening socket is broken": back off and try again (as trio's serve_listeners).
 ACCEPT_OVERLOAD = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+#: the most fds one request line may bring: a full set of tap queues and as
+#: many vhost fds.  More is refused before it can fill tapd's fd table.
+MAX_FDS_PER_REQUEST = 2 * MAX_TAP_QUEUES
 
 _UCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # <asm-generic/socket.h>
@@ -52,71 +53,15 @@ def peer_of(sock: trio.socket.SocketType) -> Peer:
     pid, uid, gid = _UCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     )
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
-        groups = tuple(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
-    except OSError:
-        groups = ()
-    return Peer(uid=uid, gid=gid, pid=pid, groups=groups)
-
-
-class Service:
-    """Turns one validated request into a reply (and the fds to send with it)."""
-
-    def __init__(self, config: Config, maker: TapMaker, worker: KernelWorker) -> None:
-        self.config = config
-        self.maker = maker
-        self.worker = worker
-
-    async def handle(
-        self, peer: Peer, request: HelloRequest | TapRequest, log: Any
-    ) -> tuple[BaseModel, list[int]]:
-        if isinstance(request, HelloRequest):
-            return (
-                HelloReply(
-                    protocol=PROTOCOL_VERSION, version=__version__, ops=tuple(REQUEST_MODELS)
-                ),
-                [],
-            )
-        return await self._request(peer, request, log)
-
-    async def _request(
-        self, peer: Peer, request: TapRequest, log: Any
-    ) -> tuple[BaseModel, list[int]]:
-        plan = plan_create(request)
-        decision = check(self.config, peer, plan.bridge, plan.queues)
-        log = log.bind(
-            bridge=plan.bridge, ifname=plan.ifname, queues=plan.queues, rule=decision.rule
-        )
-        spec = TapSpec(
-            bridge=plan.bridge,
-            ifname=plan.ifname,
-            queues=plan.queues,
-            vnet_hdr=plan.vnet_hdr,
-            sndbuf=plan.sndbuf,
-            owner_uid=peer.uid,
-            name_template=self.config.taps.name_template,
-        )
-        made = await self.worker.run(self.maker.make, spec)
-        reply = TapReply(
-            ifname=made.ifname,
-            bridge=made.bridge,
-            fds=len(made.fds),
-            vhostfds=0,
-            vnet_hdr=made.vnet_hdr,
-            vnet_hdr_len=made.vnet_hdr_len,
-            mac=made.mac,
-            mtu=made.mtu,
-            warnings=tuple(made.warnings),
-        )
-        log.info("request.granted", outcome="granted", ifname=made.ifname, mac=made.mac)
-        return reply, made.fds
+    raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
+    groups = struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
+    return Peer(uid=uid, gid=gid, pid=pid, groups=tuple(groups))
 
 
 class Server:
-    def __init__(self, service: Service, config: Config) -> None:
+    def __init__(self, service: Service) -> None:
         self.service = service
-        self.config = config
+        self.config = service.config
         self.connections = 0
         self._ids = itertools.count(1)
         self.log = logging.get()
@@ -180,54 +125,72 @@ class Server:
         lines = protocol.LineBuffer()
         seq = itertools.count(1)
         timeout = self.config.server.request_timeout
+        # fds that arrived with bytes of a line not yet complete: they belong
+        # to that line's request.
+        pending: list[int] = []
         # The deadline covers a whole request, not each read, so a client that
         # trickles one byte at a time cannot hold a connection forever.
         deadline = trio.current_time() + timeout
-        while True:
-            received = None
-            with trio.move_on_at(deadline):
-                received = await fdpass.recv(sock)
-            if received is None:
-                log.info("connection.timeout", seconds=timeout)
-                await self._reply_quietly(
-                    sock,
-                    RequestTimeout(
-                        f"no complete request within {timeout:g} s; closing the connection"
-                    ),
-                )
-                return
-            # No request in this version takes fds from a client: any that
-            # arrive are closed at once.
-            close_all(received.fds)
-            if received.truncated:
-                log.warning("request.invalid", code=TooManyFds.code)
-                await self._reply_quietly(
-                    sock,
-                    TooManyFds(
-                        "too many file descriptors in one message (the kernel carries "
-                        "at most 253); none were kept"
-                    ),
-                )
-                return
-            if not received.data:
-                return  # the peer closed its end
-            lines.feed(received.data)
-            try:
-                while (line := lines.next_line()) is not None:
-                    await self._one(sock, line, peer, log.bind(request=f"{conn}.{next(seq)}"))
-                    deadline = trio.current_time() + timeout
-            except LineTooLong as exc:
-                log.warning("request.invalid", code=exc.code)
-                await self._reply_quietly(sock, exc)
-                return
+        try:
+            while True:
+                received = None
+                with trio.move_on_at(deadline):
+                    received = await fdpass.recv(sock)
+                if received is None:
+                    log.info("connection.timeout", seconds=timeout)
+                    await self._reply_quietly(
+                        sock,
+                        RequestTimeout(
+                            f"no complete request within {timeout:g} s; closing the connection"
+                        ),
+                    )
+                    return
+                pending += received.fds
+                if received.truncated or len(pending) > MAX_FDS_PER_REQUEST:
+                    log.warning("request.refused", outcome="refused", code=TooManyFds.code)
+                    await self._reply_quietly(
+                        sock,
+                        TooManyFds(
+                            f"too many file descriptors: one message carries at most "
+                            f"{MAX_FDS_PER_MSG} and one request at most "
+                            f"{MAX_FDS_PER_REQUEST}; none were kept"
+                        ),
+                    )
+                    return
+                if not received.data:
+                    return  # the peer closed its end
+                lines.feed(received.data)
+                try:
+                    while (line := lines.next_line()) is not None:
+                        fds, pending = pending, []
+                        try:
+                            await self._one(
+                                sock, line, fds, peer, log.bind(request=f"{conn}.{next(seq)}")
+                            )
+                        finally:
+                            close_all(fds)
+                        deadline = trio.current_time() + timeout
+                except LineTooLong as exc:
+                    log.warning("request.refused", outcome="refused", code=exc.code)
+                    await self._reply_quietly(sock, exc)
+                    return
+        finally:
+            close_all(pending)
 
-    async def _one(self, sock: trio.socket.SocketType, line: bytes, peer: Peer, log: Any) -> None:
-        fds: list[int] = []
+    async def _one(
+        self,
+        sock: trio.socket.SocketType,
+        line: bytes,
+        fds_in: list[int],
+        peer: Peer,
+        log: Any,
+    ) -> None:
+        grant: Grant | None = None
         try:
             request = protocol.decode_request(line)
             log = log.bind(op=request.op)
-            reply, fds = await self.service.handle(peer, request, log)
-            wire: BaseModel | dict[str, Any] = reply
+            grant = await self.service.handle(peer, request, fds_in, log)
+            wire: Any = grant.reply
         except ClientError as exc:
             outcome = "denied" if isinstance(exc, Denied) else "refused"
             log.info(f"request.{outcome}", outcome=outcome, code=exc.code, message=exc.message)
@@ -238,8 +201,14 @@ class Server:
         except Exception as exc:
             log.exception("request.failed", outcome="failed", code="internal-error")
             wire = to_wire(exc)
+        if grant is None:
+            await fdpass.send_line(sock, protocol.encode(wire), [])
+            return
         try:
-            await fdpass.send_line(sock, protocol.encode(wire), fds)
-        finally:
-            # Our copies go: once the VM closes its own, the tap is gone.
-            close_all(fds)
+            await fdpass.send_line(sock, protocol.encode(wire), grant.fds)
+        except BaseException:
+            log.warning("request.undelivered", ifname=getattr(grant.reply, "ifname", None))
+            with trio.CancelScope(shield=True):
+                await grant.abandon(log)
+            raise
+        grant.sent()

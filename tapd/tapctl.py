@@ -33,13 +33,28 @@ def _parser() -> argparse.ArgumentParser:
             "tapctl exits, because nothing holds its fds any more."
         ),
     )
-    req.add_argument("--br", required=True, help="bridge to attach the tap to")
+    req.add_argument("--br", help="bridge to attach the tap to")
     req.add_argument("--ifname", help="name for the tap (default: the daemon's template)")
     req.add_argument("--queues", type=int, help="number of queues (multiqueue tap)")
     vnet = req.add_mutually_exclusive_group()
-    vnet.add_argument("--vnet-hdr", dest="vnet_hdr", action="store_const", const=True)
-    vnet.add_argument("--no-vnet-hdr", dest="vnet_hdr", action="store_const", const=False)
+    vnet.add_argument(
+        "--vnet-hdr", dest="vnet_hdr", action="store_const", const=True, help="require vnet_hdr"
+    )
+    vnet.add_argument(
+        "--no-vnet-hdr", dest="vnet_hdr", action="store_const", const=False, help="no vnet_hdr"
+    )
     req.add_argument("--sndbuf", type=int, help="send buffer limit in bytes")
+    req.add_argument("--vhost", action="store_const", const=True, help="also get vhost-net fds")
+    req.add_argument("--vhostforce", action="store_const", const=True, help="fail without vhost")
+    req.add_argument("--script", metavar="NAME", help="a network script the admin listed")
+    req.add_argument("--downscript", metavar="NAME", help="a down script the admin listed")
+    req.add_argument("--helper", metavar="NAME", help="a bridge helper the admin listed")
+    req.add_argument(
+        "--netdev",
+        metavar="OPTS",
+        help="QEMU -netdev tap options as is, e.g. 'tap,id=n0,queues=4,vhost=on' "
+        "(fd=/fds= name tapctl's own fds, which are sent along)",
+    )
     req.add_argument("--json", action="store_true", help="print the reply as JSON")
     req.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     return p
@@ -81,18 +96,90 @@ def _print_reply(reply: dict[str, object], as_json: bool) -> None:
         print(f"warning: {warning}", file=sys.stderr)
 
 
+#: -netdev tap keys whose QAPI type is a number or a bool
+_INT_KEYS = frozenset({"queues", "sndbuf", "poll-us"})
+_BOOL_KEYS = frozenset({"vnet_hdr", "vhost", "vhostforce"})
+_BOOLS = {"on": True, "yes": True, "true": True, "off": False, "no": False, "false": False}
+
+
+def parse_netdev(text: str) -> dict[str, object]:
+    """QEMU's ``-netdev tap,...`` option string -> request keys.
+
+    As QEMU's option parser: comma-separated ``key=value``, ``,,`` for a
+    literal comma; a leading ``tap`` type and the ``id=`` are dropped.
+    """
+    parts: list[str] = []
+    current = ""
+    i = 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1 : i + 2] == ",":
+                current += ","
+                i += 2
+                continue
+            parts.append(current)
+            current = ""
+        else:
+            current += text[i]
+        i += 1
+    parts.append(current)
+    if parts and parts[0] == "tap":
+        parts = parts[1:]
+    options: dict[str, object] = {}
+    for part in parts:
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise client.ClientError("bad-netdev", f"--netdev: {part!r} is not key=value")
+        if key in ("type", "id"):
+            continue
+        if key in _INT_KEYS:
+            try:
+                options[key] = int(value, 0)
+            except ValueError:
+                raise client.ClientError(
+                    "bad-netdev", f"--netdev: {key}={value!r} is not a number"
+                ) from None
+        elif key in _BOOL_KEYS:
+            if value.lower() not in _BOOLS:
+                raise client.ClientError(
+                    "bad-netdev", f"--netdev: {key}={value!r} is not on or off"
+                )
+            options[key] = _BOOLS[value.lower()]
+        else:
+            options[key] = value
+    return options
+
+
+def _fd_numbers(options: dict[str, object]) -> list[int]:
+    """tapctl's own fds named by fd=/fds= (then vhostfd=/vhostfds=), to send."""
+    numbers: list[int] = []
+    for key in ("fd", "fds", "vhostfd", "vhostfds"):
+        value = options.get(key)
+        if isinstance(value, str):
+            for name in value.split(":"):
+                if not name.isdigit():
+                    raise client.ClientError(
+                        "bad-netdev", f"--netdev: {key}= must name fds by number here"
+                    )
+                numbers.append(int(name))
+    return numbers
+
+
 def _request(args: argparse.Namespace) -> int:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
-    grant = client.request_tap(
-        path=args.socket,
-        br=args.br,
-        ifname=args.ifname,
-        queues=args.queues,
-        vnet_hdr=args.vnet_hdr,
-        sndbuf=args.sndbuf,
-    )
+    options = parse_netdev(args.netdev) if args.netdev else {}
+    for key in (
+        "br", "ifname", "queues", "vnet_hdr", "sndbuf", "vhost", "vhostforce",
+        "script", "downscript", "helper",
+    ):  # fmt: skip
+        value = getattr(args, key)
+        if value is not None:
+            options[key] = value
+    grant = client.request_tap(path=args.socket, send_fds=_fd_numbers(options), **options)
     if not command:
         _print_reply(grant.reply, args.json)
         grant.close()

@@ -1,4 +1,4 @@
-"""Making a tap that is ready for a VM: the one intention tapd carries out.
+"""Making taps ready for a VM: the intentions tapd carries out in the kernel.
 
 :class:`KernelTaps` strings :mod:`tapd.tun` and :mod:`tapd.netlink` together
 and runs (synchronously) on the kernel worker thread.  Code above it only sees
@@ -8,17 +8,34 @@ against the real kernel.
 
 from __future__ import annotations
 
+import errno
+import os
 import secrets
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from . import tun
-from .errors import IfnameTaken, KernelError, Unsupported
+from .errors import (
+    IfnameTaken,
+    InvalidOptions,
+    KernelError,
+    NotATap,
+    Unsupported,
+    VhostUnavailable,
+)
 from .netlink import Netlink
 
 
 @dataclass(frozen=True)
+class VhostSpec:
+    device: str
+    force: bool
+
+
+@dataclass(frozen=True)
 class TapSpec:
+    """A tap for tapd to create."""
+
     bridge: str
     ifname: str | None
     queues: int = 1
@@ -26,11 +43,24 @@ class TapSpec:
     sndbuf: int | None = None
     owner_uid: int | None = None
     name_template: str = "tap{rand}"
+    vhost: VhostSpec | None = None  # open one vhost fd per queue
+
+
+@dataclass(frozen=True)
+class AdoptSpec:
+    """Tap queue fds that came from elsewhere (the client, a helper), to be
+    checked, prepared as QEMU would, and attached to ``bridge``."""
+
+    bridge: str
+    fds: tuple[int, ...]
+    sndbuf: int | None = None
+    owner_uid: int | None = None  # give the tap to this uid (helper-made taps)
+    vhost: VhostSpec | None = None
 
 
 @dataclass
 class MadeTap:
-    """A tap on its bridge.  Whoever holds this owns ``fds`` and must close them."""
+    """A tap on its bridge.  Whoever holds this owns ``fds`` and ``vhost_fds``."""
 
     ifname: str
     bridge: str
@@ -39,11 +69,20 @@ class MadeTap:
     vnet_hdr_len: int
     mac: str
     mtu: int
+    sndbuf: int
+    offloads: int = 0
+    vhost_fds: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        tun.close_all(self.fds + self.vhost_fds)
+        self.fds, self.vhost_fds = [], []
 
 
 class TapMaker(Protocol):
     def make(self, spec: TapSpec) -> MadeTap: ...
+
+    def adopt(self, spec: AdoptSpec) -> MadeTap: ...
 
 
 def random_mac() -> str:
@@ -92,10 +131,9 @@ class KernelTaps:
                 spec.ifname, queues=spec.queues, vnet_hdr=vnet_hdr, path=self.tun_device
             )
             return spec.ifname, fds
+        uid = spec.owner_uid if spec.owner_uid is not None else 0
         for _ in range(_NAME_ATTEMPTS):
-            name = spec.name_template.format(
-                rand=secrets.token_hex(4), uid=spec.owner_uid if spec.owner_uid is not None else 0
-            )
+            name = spec.name_template.format(rand=secrets.token_hex(4), uid=uid)
             try:
                 fds = tun.create_tap(
                     name, queues=spec.queues, vnet_hdr=vnet_hdr, path=self.tun_device
@@ -111,42 +149,113 @@ class KernelTaps:
         bridge = self.netlink.bridge(spec.bridge)
         vnet_hdr = self._vnet_hdr(spec.vnet_hdr)
         name, fds = self._create(spec, vnet_hdr)
+        made = MadeTap(
+            ifname=name,
+            bridge=bridge.name,
+            fds=fds,
+            vnet_hdr=vnet_hdr,
+            vnet_hdr_len=tun.VIRTIO_NET_HDR_LEN if vnet_hdr else 0,
+            mac=random_mac(),
+            mtu=bridge.mtu,
+            sndbuf=0,
+        )
         try:
-            made = MadeTap(
-                ifname=name,
-                bridge=bridge.name,
-                fds=fds,
-                vnet_hdr=vnet_hdr,
-                vnet_hdr_len=tun.VIRTIO_NET_HDR_LEN if vnet_hdr else 0,
-                mac=random_mac(),
-                mtu=bridge.mtu,
-            )
-            self._prepare_queues(spec, made)
-            if spec.owner_uid is not None:
-                tun.set_owner(fds[0], spec.owner_uid)
+            self._prepare(made, spec.sndbuf, spec.owner_uid)
+            self._open_vhost(made, spec.vhost)
             self.netlink.join_bridge(tun.ifindex(name), name, bridge, made.mac)
         except BaseException:
             # Closing the last fd of a non-persistent tap removes the device.
-            tun.close_all(fds)
+            made.close()
             raise
         return made
 
-    def _prepare_queues(self, spec: TapSpec, made: MadeTap) -> None:
-        # As QEMU's net_tap_fd_init() + tap_set_sndbuf() do for every queue.
-        sndbuf = min(spec.sndbuf, tun.SNDBUF_DEFAULT) if spec.sndbuf else tun.SNDBUF_DEFAULT
+    def adopt(self, spec: AdoptSpec) -> MadeTap:
+        """Check fds someone else made, then treat them as :meth:`make` would.
+
+        Follows net_init_tap()'s fds= branch: every fd must be a tap, of one
+        device, with the same vnet_hdr.  The caller keeps ownership of
+        ``spec.fds``; only vhost fds opened here end up in the result.
+        """
+        infos = []
+        for i, fd in enumerate(spec.fds):
+            try:
+                info = tun.tap_info(fd)
+            except KernelError as exc:
+                if exc.errno in (errno.ENOTTY, errno.EBADFD, errno.EINVAL, errno.EBADF):
+                    raise NotATap(f"fd #{i} sent with the request is not a tap") from None
+                raise
+            if not info.is_tap:
+                raise NotATap(f"fd #{i} sent with the request is a tun, not a tap")
+            infos.append(info)
+        names = {info.name for info in infos}
+        if len(names) != 1:
+            raise NotATap(
+                "the fds sent with the request are queues of different devices: "
+                + ", ".join(sorted(names))
+            )
+        if len({info.vnet_hdr for info in infos}) != 1:
+            raise InvalidOptions("vnet_hdr not consistent across given tap fds")
+        if not tun.in_our_netns(spec.fds[0]):
+            raise NotATap(
+                "the tap sent with the request lives in another network namespace than tapd's"
+            )
+        (name,) = names
+        bridge = self.netlink.bridge(spec.bridge)
+        made = MadeTap(
+            ifname=name,
+            bridge=bridge.name,
+            fds=list(spec.fds),
+            vnet_hdr=infos[0].vnet_hdr,
+            vnet_hdr_len=tun.VIRTIO_NET_HDR_LEN if infos[0].vnet_hdr else 0,
+            mac=random_mac(),
+            mtu=bridge.mtu,
+            sndbuf=0,
+        )
+        try:
+            self._prepare(made, spec.sndbuf, spec.owner_uid)
+            self._open_vhost(made, spec.vhost)
+            self.netlink.join_bridge(tun.ifindex(name), name, bridge, made.mac)
+        except BaseException:
+            tun.close_all(made.vhost_fds)
+            raise
+        return made
+
+    def _prepare(self, made: MadeTap, sndbuf: int | None, owner_uid: int | None) -> None:
+        # As QEMU's net_tap_fd_init() + tap_set_sndbuf() do for every queue:
+        # offloads off until the guest negotiates them, the virtio-net header
+        # length reset (another user may have changed it), and the send buffer
+        # at sndbuf= clamped to INT_MAX, INT_MAX when absent or 0.
+        size = min(sndbuf, tun.SNDBUF_DEFAULT) if sndbuf else tun.SNDBUF_DEFAULT
         for fd in made.fds:
             try:
                 tun.set_offload(fd, 0)
             except KernelError as exc:
-                made.warnings.append(f"TUNSETOFFLOAD failed: {exc.message}")
+                made.warnings.append(f"TUNSETOFFLOAD ioctl() failed: {exc.message}")
             if made.vnet_hdr:
                 tun.set_vnet_hdr_len(fd, made.vnet_hdr_len)
             try:
-                tun.set_sndbuf(fd, sndbuf)
+                tun.set_sndbuf(fd, size)
             except KernelError:
-                # QEMU: an error only when sndbuf= was given.
-                if spec.sndbuf is not None:
+                if sndbuf is not None:  # QEMU: an error only when sndbuf= was given
                     raise
+        made.sndbuf = tun.get_sndbuf(made.fds[0])
+        if owner_uid is not None:
+            tun.set_owner(made.fds[0], owner_uid)
+
+    def _open_vhost(self, made: MadeTap, vhost: VhostSpec | None) -> None:
+        """One vhost fd per queue (net_init_tap_one() opens one per queue)."""
+        if vhost is None:
+            return
+        try:
+            for _ in made.fds:
+                made.vhost_fds.append(tun.open_vhost(vhost.device))
+        except OSError as exc:
+            tun.close_all(made.vhost_fds)
+            made.vhost_fds = []
+            message = f"tap: open vhost char device failed: {os.strerror(exc.errno or 0)}"
+            if vhost.force:
+                raise VhostUnavailable(f"{message} ({vhost.device}; vhostforce=on)") from None
+            made.warnings.append(f"{message} ({vhost.device}); continuing without vhost")
 
     def close(self) -> None:
         self.netlink.close()

@@ -35,6 +35,7 @@ TUNGETSNDBUF = 0x800454D3  # _IOR('T', 211, int)
 TUNSETSNDBUF = 0x400454D4  # _IOW('T', 212, int)
 TUNGETVNETHDRSZ = 0x800454D7  # _IOR('T', 215, int)
 TUNSETVNETHDRSZ = 0x400454D8  # _IOW('T', 216, int)
+TUNGETDEVNETNS = 0x000054E3  # _IO('T', 227): an fd for the device's netns
 
 # <linux/if_tun.h> TUNSETIFF flags
 IFF_TUN = 0x0001
@@ -228,6 +229,31 @@ def set_owner(fd: int, uid: int) -> None:
 
 def set_group(fd: int, gid: int) -> None:
     _set_arg(fd, TUNSETGROUP, gid, f"giving the tap to gid {gid}")
+
+
+def in_our_netns(fd: int) -> bool:
+    """Whether the tap behind ``fd`` lives in tapd's own network namespace.
+
+    A name is only unique within one namespace: before acting on a client's tap
+    by name, tapd makes sure the name means the same device here.
+    """
+    try:
+        nsfd = fcntl.ioctl(fd, TUNGETDEVNETNS, 0)
+    except OSError as exc:
+        raise kernel_error(exc, "asking which network namespace the tap is in") from None
+    try:
+        return os.fstat(nsfd).st_ino == os.stat("/proc/self/ns/net").st_ino
+    finally:
+        os.close(nsfd)
+
+
+def open_vhost(path: str) -> int:
+    """Open the vhost-net device for one queue.
+
+    tapd only opens it: VHOST_SET_OWNER binds the device to the memory of the
+    process that calls it, which must be the VMM, not tapd.
+    """
+    return os.open(path, os.O_RDWR | os.O_CLOEXEC)
 
 
 def ifindex(name: str) -> int:

@@ -164,3 +164,30 @@ def run_daemon(ns: str, workdir: Path, config: str | None = None) -> Iterator[Da
         with contextlib.suppress(OSError):
             os.unlink(path)
             os.rmdir(os.path.dirname(path))
+
+
+_MAKE_TAP = """
+import socket, sys
+from tapd import fdpass, tun
+sock = socket.socket(fileno=int(sys.argv[1]))
+fds = tun.create_tap(sys.argv[2], queues=int(sys.argv[3]), vnet_hdr=sys.argv[4] == "1")
+fdpass.send_line_sync(sock, b"ok\\n", fds)
+"""
+
+
+def make_tap_in(ns: str, name: str, queues: int = 1, vnet_hdr: bool = True) -> list[int]:
+    """Queue fds of a new tap made inside ``ns`` (by a helper process that has
+    joined it), the way a VMM's own manager might have made it."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        subprocess.run(
+            [
+                "ip", "netns", "exec", ns, sys.executable, "-c", _MAKE_TAP,
+                str(theirs.fileno()), name, str(queues), "1" if vnet_hdr else "0",
+            ],
+            pass_fds=[theirs.fileno()],
+            check=True,
+        )  # fmt: skip
+        got = fdpass.recv_sync(ours)
+        assert got.data == b"ok\n", got.data
+        return got.fds
