@@ -7,10 +7,13 @@ what would be valid.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
+import re
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Self
 
 from pydantic import (
     AfterValidator,
@@ -20,6 +23,7 @@ from pydantic import (
     StringConstraints,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from .tun import TUN_PATH
@@ -31,12 +35,45 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _user(name: str) -> str:
+    if not name.isdigit():
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            raise ValueError(
+                f"no user {name!r} on this host; use a login name or a numeric uid"
+            ) from None
+    return name
+
+
+def _group(name: str) -> str:
+    if not name.isdigit():
+        try:
+            grp.getgrnam(name)
+        except KeyError:
+            raise ValueError(
+                f"no group {name!r} on this host; use a group name or a numeric gid"
+            ) from None
+    return name
+
+
+def _bridge_pattern(name: str) -> str:
+    if name != "*" and not re.fullmatch(r"[A-Za-z0-9_.+@-]{1,15}", name):
+        raise ValueError(f'{name!r} is neither a bridge name nor "*"')
+    return name
+
+
+User = Annotated[str, AfterValidator(_user)]
+Group = Annotated[str, AfterValidator(_group)]
+BridgePattern = Annotated[str, AfterValidator(_bridge_pattern)]
+
+
 class ServerConfig(_Section):
     socket: str = DEFAULT_SOCKET
     #: permission bits of the socket file, as an octal string
     socket_mode: str = "0660"
     #: group owning the socket file (name or numeric id); None keeps root's
-    socket_group: str | None = None
+    socket_group: Group | None = None
     max_connections: Annotated[int, Field(ge=1, le=65536)] = 1024
     #: seconds a connection may sit without sending a complete request
     request_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
@@ -111,15 +148,32 @@ class ProgramsConfig(_Section):
     hook_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
 
 
-class Rule(_Section):
-    """One [[allow]] or [[deny]] entry.  Users and groups are names or numeric
-    ids, as strings; a rule with neither matches nobody."""
+class DenyRule(_Section):
+    """A [[deny]] entry: these users/groups may not use these bridges.
+    Users and groups are names or numeric ids, as strings."""
 
-    users: tuple[str, ...] = ()
-    groups: tuple[str, ...] = ()
-    bridges: tuple[str, ...] = ("*",)
-    #: allow only: the most queues one request may ask for
+    users: tuple[User, ...] = ()
+    groups: tuple[Group, ...] = ()
+    bridges: tuple[BridgePattern, ...] = ("*",)
+
+    @model_validator(mode="after")
+    def _matches_someone(self) -> Self:
+        if not self.users and not self.groups:
+            raise ValueError("this rule matches nobody: give it users and/or groups")
+        if not self.bridges:
+            raise ValueError('this rule matches no bridge: give it bridges (or "*")')
+        return self
+
+
+class AllowRule(DenyRule):
+    """An [[allow]] entry, with optional limits for those it allows."""
+
+    #: the most queues one request may ask for
     max_queues: Annotated[int, Field(ge=1, le=256)] | None = None
+    #: the most live taps one uid may hold through this rule
+    max_taps: Annotated[int, Field(ge=1)] | None = None
+    #: give taps granted by this rule to this group as well (TUNSETGROUP)
+    tap_group: Group | None = None
 
 
 class Config(_Section):
@@ -127,8 +181,8 @@ class Config(_Section):
     taps: TapsConfig = TapsConfig()
     vhost: VhostConfig = VhostConfig()
     programs: ProgramsConfig = ProgramsConfig()
-    allow: tuple[Rule, ...] = (Rule(users=("0",)),)
-    deny: tuple[Rule, ...] = ()
+    allow: tuple[AllowRule, ...] = (AllowRule(users=("0",)),)
+    deny: tuple[DenyRule, ...] = ()
 
 
 class ConfigError(Exception):
@@ -147,6 +201,23 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
+def _keys_at(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the section at ``loc`` takes, for "unknown key" messages."""
+    model: type[BaseModel] = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", (annotation,))[0]
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            return []
+        model = inner
+    return list(model.model_fields)
+
+
 def parse(text: str, path: str = "<config>") -> Config:
     try:
         data = tomllib.loads(text)
@@ -156,7 +227,12 @@ def parse(text: str, path: str = "<config>") -> Config:
         return Config.model_validate(data)
     except ValidationError as exc:
         problems = [
-            f"{_loc(e['loc'])}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
+            f"{_loc(e['loc'])}: "
+            + (
+                f"unknown key; valid here: {', '.join(_keys_at(e['loc'][:-1]))}"
+                if e["type"] == "extra_forbidden"
+                else e["msg"].removeprefix("Value error, ")
+            )
             for e in exc.errors(include_url=False)
         ]
         raise ConfigError(path, problems) from None

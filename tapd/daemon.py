@@ -12,7 +12,9 @@ from . import __version__
 from . import log as logging
 from .config import DEFAULT_SOCKET, Config, ConfigError, load
 from .errors import TapdError
+from .lifecycle import Lifecycle
 from .listen import Listener, ListenError, at_path, from_fd, from_systemd
+from .sdnotify import Notifier
 from .server import Server
 from .service import Service
 from .taps import KernelTaps
@@ -55,8 +57,13 @@ def open_listener(config: Config, socket_path: str | None, listen_fd: int | None
     return at_path(socket_path or server.socket, server.mode, server.socket_group)
 
 
-async def run(config: Config, listener: Listener) -> None:
+#: how long a clean stop waits for requests in flight
+DRAIN_SECONDS = 10.0
+
+
+async def run(config: Config, listener: Listener, config_path: str | None = None) -> None:
     log = logging.get()
+    notifier = Notifier()
     worker = KernelWorker()
     maker = KernelTaps(config.taps.tun_device)
     try:
@@ -66,19 +73,42 @@ async def run(config: Config, listener: Listener) -> None:
         except TapdError as exc:
             # Keep serving: every request will get this error, with its advice.
             log.error("tun.unavailable", message=exc.message)
-        server = Server(Service(config, maker, worker))
+        lifecycle = Lifecycle(config, worker, maker.netlink)
+        service = Service(config, maker, worker, lifecycle, config_path)
+        server = Server(service)
         sock = trio.socket.from_stdlib_socket(listener.sock)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        with trio.open_signal_receiver(*signals) as received:
             async with trio.open_nursery() as nursery:
-                await nursery.start(server.serve, sock)
+                await nursery.start(lifecycle.run)
+                accepting = trio.CancelScope()
+
+                async def accept() -> None:
+                    with accepting:
+                        await server.serve(sock)
+
+                nursery.start_soon(accept)
+                if notifier.watchdog_interval:
+                    nursery.start_soon(_watchdog, notifier, notifier.watchdog_interval)
                 log.info(
                     "server.listening",
                     source=listener.source,
                     path=listener.path,
                     version=__version__,
+                    leases=len(lifecycle.registry),
                 )
-                async for signum in signals:
+                notifier.notify("READY=1", f"STATUS=serving, {len(lifecycle.registry)} leases")
+                async for signum in received:
+                    if signum == signal.SIGHUP:
+                        _reload(service, config_path, notifier)
+                        continue
                     log.info("server.stopping", signal=signal.Signals(signum).name)
+                    notifier.notify("STOPPING=1", "STATUS=stopping")
+                    # Stop accepting, let requests in flight finish (bounded),
+                    # then go.  Taps that VMs hold stay: they are not tapd's.
+                    accepting.cancel()
+                    with trio.move_on_after(DRAIN_SECONDS):
+                        await server.idle.wait()
                     nursery.cancel_scope.cancel()
                     break
     finally:
@@ -86,6 +116,29 @@ async def run(config: Config, listener: Listener) -> None:
         worker.close()
         listener.cleanup()
         log.info("server.stopped")
+
+
+async def _watchdog(notifier: Notifier, interval: float) -> None:
+    while True:
+        notifier.notify("WATCHDOG=1")
+        await trio.sleep(interval)
+
+
+def _reload(service: Service, path: str | None, notifier: Notifier) -> None:
+    """SIGHUP: read the configuration again; keep the old one if the new is bad."""
+    log = logging.get()
+    if path is None:
+        log.info("config.reload.skipped", reason="no --config file; built-in defaults stay")
+        return
+    notifier.notify("RELOADING=1")
+    try:
+        config = load(path)
+    except ConfigError as exc:
+        log.error("config.reload.failed", path=path, problems=exc.problems, kept="previous")
+    else:
+        service.reconfigure(config)
+        log.info("config.reload.complete", path=path)
+    notifier.notify("READY=1")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     except ListenError as exc:
         log.error("server.listen.failed", message=str(exc))
         return 2
-    trio.run(run, config, listener)
+    trio.run(run, config, listener, args.config)
     return 0
 
 

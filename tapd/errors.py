@@ -121,6 +121,19 @@ class Denied(ClientError):
     code = "denied"
 
 
+class LeaseNotFound(ClientError):
+    """No lease of yours by that id or name (another uid's leases are never
+    acknowledged, not even by a different error)."""
+
+    code = "lease-not-found"
+
+
+class QuotaExceeded(Denied):
+    """The requester already holds as many taps as its rule allows."""
+
+    code = "quota-exceeded"
+
+
 class Unsupported(ClientError):
     """A valid option this version of tapd does not implement yet."""
 

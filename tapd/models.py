@@ -64,12 +64,34 @@ class HelloRequest(_Frozen):
     op: Literal["hello"]
 
 
-Request = HelloRequest | TapRequest
+class ListRequest(_Frozen):
+    """``{"op": "list"}``: my leases (root: every lease)."""
+
+    op: Literal["list"]
+
+
+class ReleaseRequest(_Frozen):
+    """``{"op": "release", "lease": ID_OR_IFNAME}``: end one of my leases now."""
+
+    op: Literal["release"]
+    lease: Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class StatusRequest(_Frozen):
+    """``{"op": "status"}``: how the daemon is doing."""
+
+    op: Literal["status"]
+
+
+Request = HelloRequest | TapRequest | ListRequest | ReleaseRequest | StatusRequest
 
 #: op name -> model; the protocol module dispatches on it.
-REQUEST_MODELS: dict[str, type[HelloRequest] | type[TapRequest]] = {
+REQUEST_MODELS: dict[str, type[Request]] = {
     "hello": HelloRequest,
     "request": TapRequest,
+    "list": ListRequest,
+    "release": ReleaseRequest,
+    "status": StatusRequest,
 }
 
 
@@ -86,6 +108,8 @@ class TapReply(_Frozen):
     several messages (the kernel carries at most 253 fds in one)."""
 
     ok: Literal[True] = True
+    #: the lease this grant started (see the list and release ops)
+    lease: str
     ifname: str
     bridge: str
     fds: int
@@ -99,3 +123,37 @@ class TapReply(_Frozen):
     #: TUNSETOFFLOAD flags set (0 until the guest negotiates offloads, as in QEMU)
     offloads: int = 0
     warnings: tuple[str, ...] = ()
+
+
+class LeaseInfo(_Frozen):
+    id: str
+    ifname: str
+    ifindex: int
+    bridge: str
+    queues: int
+    uid: int
+    gid: int
+    pid: int
+    created: int
+    downscript: str | None = None
+
+
+class ListReply(_Frozen):
+    ok: Literal[True] = True
+    leases: tuple[LeaseInfo, ...]
+
+
+class ReleaseReply(_Frozen):
+    ok: Literal[True] = True
+    lease: LeaseInfo
+
+
+class StatusReply(_Frozen):
+    ok: Literal[True] = True
+    version: str
+    protocol: int
+    uptime: float
+    #: live leases this client can see (root: all)
+    leases: int
+    connections: int
+    config: str | None

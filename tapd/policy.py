@@ -1,17 +1,18 @@
-"""Who may have a tap on which bridge.  Pure logic: no I/O but name lookups.
+"""Who may have a tap on which bridge.  Pure logic over the configuration.
 
 Deny wins over allow; no match is deny.  Root goes through the same code: the
-built-in configuration simply has an allow rule for uid 0.
+built-in configuration simply has an allow rule for uid 0.  Names in the rules
+are resolved once, when a configuration is loaded, not per request.
 """
 
 from __future__ import annotations
 
 import grp
 import pwd
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .config import Config, Rule
-from .errors import Denied
+from .config import AllowRule, Config, DenyRule
+from .errors import Denied, QuotaExceeded
 
 
 @dataclass(frozen=True)
@@ -22,63 +23,88 @@ class Peer:
     gid: int
     pid: int
     groups: tuple[int, ...] = ()
+    #: a pidfd for the peer process, held by the connection (-1: none)
+    pidfd: int = field(default=-1, compare=False)
 
     def all_gids(self) -> frozenset[int]:
         return frozenset((self.gid, *self.groups))
 
 
-def _uid(name: str) -> int | None:
-    if name.isdigit():
-        return int(name)
-    try:
-        return pwd.getpwnam(name).pw_uid
-    except KeyError:
-        return None
+def uid_of(name: str) -> int:
+    return int(name) if name.isdigit() else pwd.getpwnam(name).pw_uid
 
 
-def _gid(name: str) -> int | None:
-    if name.isdigit():
-        return int(name)
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        return None
+def gid_of(name: str) -> int:
+    return int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
 
 
-def _matches_peer(rule: Rule, peer: Peer) -> bool:
-    if any(_uid(u) == peer.uid for u in rule.users):
-        return True
-    gids = peer.all_gids()
-    return any(_gid(g) in gids for g in rule.groups)
+@dataclass(frozen=True)
+class _Rule:
+    name: str  # "allow[0]", for messages and the audit log
+    uids: frozenset[int]
+    gids: frozenset[int]
+    bridges: frozenset[str] | None  # None: any bridge
+
+    def matches(self, peer: Peer, bridge: str) -> bool:
+        who = peer.uid in self.uids or not self.gids.isdisjoint(peer.all_gids())
+        return who and (self.bridges is None or bridge in self.bridges)
 
 
-def _matches_bridge(rule: Rule, bridge: str) -> bool:
-    return "*" in rule.bridges or bridge in rule.bridges
+def _compile(name: str, rule: DenyRule) -> _Rule:
+    return _Rule(
+        name=name,
+        uids=frozenset(uid_of(u) for u in rule.users),
+        gids=frozenset(gid_of(g) for g in rule.groups),
+        bridges=None if "*" in rule.bridges else frozenset(rule.bridges),
+    )
 
 
 @dataclass(frozen=True)
 class Decision:
-    rule: str  # e.g. "allow[0]"
-    max_queues: int | None
+    """The allow rule that granted a request, and the limits it sets."""
+
+    rule: str
+    max_queues: int | None = None
+    max_taps: int | None = None
+    tap_gid: int | None = None
 
 
-def check(config: Config, peer: Peer, bridge: str, queues: int = 1) -> Decision:
-    """The allow rule that grants this, or :class:`Denied` naming the reason."""
-    for i, rule in enumerate(config.deny):
-        if _matches_peer(rule, peer) and _matches_bridge(rule, bridge):
-            raise Denied(
-                f"uid {peer.uid} may not use bridge {bridge!r} (refused by deny[{i}] "
-                "in tapd's configuration)"
-            )
-    for i, rule in enumerate(config.allow):
-        if _matches_peer(rule, peer) and _matches_bridge(rule, bridge):
-            if rule.max_queues is not None and queues > rule.max_queues:
+class Policy:
+    def __init__(self, config: Config) -> None:
+        self._deny = [_compile(f"deny[{i}]", r) for i, r in enumerate(config.deny)]
+        self._allow: list[tuple[_Rule, AllowRule]] = [
+            (_compile(f"allow[{i}]", r), r) for i, r in enumerate(config.allow)
+        ]
+
+    def check(self, peer: Peer, bridge: str, queues: int = 1, held: int = 0) -> Decision:
+        """The allow rule that grants ``queues`` queues on ``bridge`` to a peer
+        already holding ``held`` live taps, or :class:`Denied` saying why not."""
+        for rule in self._deny:
+            if rule.matches(peer, bridge):
                 raise Denied(
-                    f"uid {peer.uid} may ask for at most {rule.max_queues} queues on "
-                    f"bridge {bridge!r} (allow[{i}]); ask for fewer"
+                    f"uid {peer.uid} may not use bridge {bridge!r}: refused by "
+                    f"{rule.name} in tapd's configuration"
                 )
-            return Decision(rule=f"allow[{i}]", max_queues=rule.max_queues)
-    raise Denied(
-        f"uid {peer.uid} is not allowed to use bridge {bridge!r}: no allow rule in "
-        "tapd's configuration matches; ask the host's administrator"
-    )
+        for rule, allow in self._allow:
+            if not rule.matches(peer, bridge):
+                continue
+            if allow.max_queues is not None and queues > allow.max_queues:
+                raise Denied(
+                    f"uid {peer.uid} may ask for at most {allow.max_queues} queues on "
+                    f"bridge {bridge!r} ({rule.name}); ask for fewer"
+                )
+            if allow.max_taps is not None and held >= allow.max_taps:
+                raise QuotaExceeded(
+                    f"uid {peer.uid} already holds {held} taps, the most {rule.name} "
+                    f"allows (max_taps = {allow.max_taps}); release one first"
+                )
+            return Decision(
+                rule=rule.name,
+                max_queues=allow.max_queues,
+                max_taps=allow.max_taps,
+                tap_gid=gid_of(allow.tap_group) if allow.tap_group is not None else None,
+            )
+        raise Denied(
+            f"uid {peer.uid} is not allowed to use bridge {bridge!r}: no allow rule in "
+            "tapd's configuration matches; ask the host's administrator"
+        )

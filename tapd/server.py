@@ -12,14 +12,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import os
 import socket
 import struct
 from typing import Any
 
 import trio
 
-from . import fdpass, protocol
+from . import fdpass, owner, protocol
 from . import log as logging
+from .config import Config
 from .errors import (
     ClientError,
     Denied,
@@ -49,22 +51,37 @@ SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # <asm-generic/socket.h>
 
 
 def peer_of(sock: trio.socket.SocketType) -> Peer:
-    """The peer's credentials, as the kernel recorded them at connect time."""
+    """The peer's credentials, as the kernel recorded them at connect time,
+    and a pidfd for its process (the caller closes it).
+
+    A peer with more supplementary groups than fit 1024 bytes (256) makes
+    SO_PEERGROUPS fail with ERANGE: such a peer is refused rather than judged
+    without groups a [[deny]] rule might name.
+    """
     pid, uid, gid = _UCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     )
     raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
     groups = struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
-    return Peer(uid=uid, gid=gid, pid=pid, groups=tuple(groups))
+    pidfd = owner.peer_pidfd(sock, pid)
+    return Peer(
+        uid=uid, gid=gid, pid=pid, groups=tuple(groups), pidfd=-1 if pidfd is None else pidfd
+    )
 
 
 class Server:
     def __init__(self, service: Service) -> None:
         self.service = service
-        self.config = service.config
-        self.connections = 0
         self._ids = itertools.count(1)
         self.log = logging.get()
+        #: requests being carried out right now (a clean stop waits for them)
+        self.busy = 0
+        self.idle = trio.Event()
+        self.idle.set()
+
+    @property
+    def config(self) -> Config:
+        return self.service.config
 
     async def serve(
         self,
@@ -96,23 +113,38 @@ class Server:
             except OSError as exc:
                 self.log.warning("connection.refused", conn=conn, error=str(exc))
                 return
-            log = self.log.bind(conn=conn, uid=peer.uid, gid=peer.gid, pid=peer.pid)
-            if self.connections >= self.config.server.max_connections:
-                log.warning("connection.overloaded", connections=self.connections)
-                await self._reply_quietly(
-                    sock,
-                    Overloaded(
-                        "tapd is serving its maximum number of connections; try again shortly"
-                    ),
-                )
-                return
-            self.connections += 1
             try:
-                await self._serve_connection(sock, conn, peer, log)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                log.info("connection.lost", error=str(exc))
+                await self._admitted(sock, conn, peer)
             finally:
-                self.connections -= 1
+                if peer.pidfd >= 0:
+                    os.close(peer.pidfd)
+
+    async def _admitted(self, sock: trio.socket.SocketType, conn: int, peer: Peer) -> None:
+        log = self.log.bind(conn=conn, uid=peer.uid, gid=peer.gid, pid=peer.pid)
+        service = self.service
+        if service.connections >= self.config.server.max_connections:
+            log.warning("connection.overloaded", connections=service.connections)
+            await self._reply_quietly(
+                sock,
+                Overloaded("tapd is serving its maximum number of connections; try again shortly"),
+            )
+            return
+        service.connections += 1
+        try:
+            await self._serve_connection(sock, conn, peer, log)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.info("connection.lost", error=str(exc))
+        finally:
+            service.connections -= 1
+
+    def _enter(self) -> None:
+        self.busy += 1
+        self.idle = trio.Event()
+
+    def _leave(self) -> None:
+        self.busy -= 1
+        if not self.busy:
+            self.idle.set()
 
     async def _reply_quietly(self, sock: trio.socket.SocketType, error: TapdError) -> None:
         """A last error reply before closing; the peer may already be gone."""
@@ -163,12 +195,14 @@ class Server:
                 try:
                     while (line := lines.next_line()) is not None:
                         fds, pending = pending, []
+                        self._enter()
                         try:
                             await self._one(
                                 sock, line, fds, peer, log.bind(request=f"{conn}.{next(seq)}")
                             )
                         finally:
                             close_all(fds)
+                            self._leave()
                         deadline = trio.current_time() + timeout
                 except LineTooLong as exc:
                     log.warning("request.refused", outcome="refused", code=exc.code)

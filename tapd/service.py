@@ -3,23 +3,39 @@
 :class:`Service` turns a validated request (and any fds that came with it)
 into a :class:`Grant`: the reply, the fds to send with it, and what to undo if
 they cannot be delivered.  It speaks in intentions - judge as QEMU would,
-check policy, make or adopt a tap, run the admin's script - and leaves bytes
-to :mod:`tapd.server` and syscalls to :mod:`tapd.taps`.
+check policy, make or adopt a tap, run the admin's script, start a lease - and
+leaves bytes to :mod:`tapd.server` and syscalls to :mod:`tapd.taps`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
 
-from . import PROTOCOL_VERSION, __version__, programs
+from . import PROTOCOL_VERSION, __version__, owner, programs
 from .config import Config
-from .errors import Denied, InvalidValue
-from .models import REQUEST_MODELS, HelloReply, HelloRequest, TapReply, TapRequest
+from .errors import Denied, InvalidValue, LeaseNotFound
+from .leases import Lease, new_id
+from .lifecycle import Lifecycle
+from .models import (
+    REQUEST_MODELS,
+    HelloReply,
+    LeaseInfo,
+    ListReply,
+    ReleaseReply,
+    Request,
+    StatusReply,
+    TapReply,
+    TapRequest,
+)
 from .options import AdoptPlan, CreatePlan, HelperPlan, Vhost, plan
-from .policy import Peer, check
+from .policy import Decision, Peer, Policy
 from .taps import AdoptSpec, MadeTap, TapMaker, TapSpec, VhostSpec
 from .tun import close_all
 from .worker import KernelWorker
@@ -32,7 +48,9 @@ class Grant:
 
     reply: BaseModel
     fds: list[int] = field(default_factory=list)
-    downscript: tuple[str, str, str] | None = None  # (name, path, ifname)
+    lease: Lease | None = None
+    lifecycle: Lifecycle | None = None
+    downscript_path: str | None = None
     hook_timeout: float = 10.0
 
     def sent(self) -> None:
@@ -41,17 +59,24 @@ class Grant:
         self.fds = []
 
     async def abandon(self, log: Any) -> None:
-        if self.downscript is not None:
-            name, path, ifname = self.downscript
-            try:
-                await programs.run_hook(name, path, ifname, self.hook_timeout)
-            except Exception as exc:
-                log.warning("hook.downscript.failed", script=name, error=str(exc))
+        if self.lease is not None and self.lifecycle is not None:
+            self.lifecycle.drop(self.lease)
+            if self.downscript_path and self.lease.downscript:
+                try:
+                    await programs.run_hook(
+                        self.lease.downscript,
+                        self.downscript_path,
+                        self.lease.ifname,
+                        self.hook_timeout,
+                    )
+                except Exception as exc:
+                    log.warning("hook.downscript.failed", lease=self.lease.id, error=str(exc))
         self.sent()
 
 
-def _reply(made: MadeTap, fds: int) -> TapReply:
+def _reply(made: MadeTap, fds: int, lease: Lease) -> TapReply:
     return TapReply(
+        lease=lease.id,
         ifname=made.ifname,
         bridge=made.bridge,
         fds=fds,
@@ -66,28 +91,94 @@ def _reply(made: MadeTap, fds: int) -> TapReply:
     )
 
 
-class Service:
-    def __init__(self, config: Config, maker: TapMaker, worker: KernelWorker) -> None:
-        self.config = config
-        self.maker = maker
-        self.worker = worker
+def _info(lease: Lease) -> LeaseInfo:
+    return LeaseInfo.model_validate(lease.to_wire())
 
-    async def handle(
-        self, peer: Peer, request: HelloRequest | TapRequest, fds_in: list[int], log: Any
-    ) -> Grant:
+
+class Service:
+    def __init__(
+        self,
+        config: Config,
+        maker: TapMaker,
+        worker: KernelWorker,
+        lifecycle: Lifecycle,
+        config_path: str | None = None,
+    ) -> None:
+        self.worker = worker
+        self.maker = maker
+        self.lifecycle = lifecycle
+        self.config_path = config_path
+        self.started = time.monotonic()
+        self.connections = 0
+        # Taps being made right now, per uid: counted against max_taps with
+        # the live leases, so that parallel requests cannot overshoot it.
+        self._making: Counter[int] = Counter()
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        self.config = config
+        self.policy = Policy(config)
+        self.lifecycle.config = config
+
+    async def handle(self, peer: Peer, request: Request, fds_in: list[int], log: Any) -> Grant:
         """Carry out ``request``.  ``fds_in`` stay the caller's to close."""
-        if isinstance(request, HelloRequest):
+        if isinstance(request, TapRequest):
+            return await self._request(peer, request, fds_in, log)
+        if request.op == "hello":
             return Grant(
                 HelloReply(
                     protocol=PROTOCOL_VERSION, version=__version__, ops=tuple(REQUEST_MODELS)
                 )
             )
+        leases = self.lifecycle.registry
+        if request.op == "list":
+            return Grant(ListReply(leases=tuple(_info(x) for x in leases.visible_to(peer.uid))))
+        if request.op == "status":
+            return Grant(
+                StatusReply(
+                    version=__version__,
+                    protocol=PROTOCOL_VERSION,
+                    uptime=round(time.monotonic() - self.started, 3),
+                    leases=len(leases.visible_to(peer.uid)),
+                    connections=self.connections,
+                    config=self.config_path,
+                )
+            )
+        assert request.op == "release"
+        lease = leases.find(peer.uid, request.lease)
+        if lease is None:
+            raise LeaseNotFound(
+                f"you hold no lease {request.lease!r}; see your leases with tapctl list"
+            )
+        await self.lifecycle.release(lease)
+        log.info("lease.released", lease=lease.id, ifname=lease.ifname, owner=lease.uid)
+        return Grant(ReleaseReply(lease=_info(lease)))
+
+    # -- requests for taps ----------------------------------------------------
+
+    async def _request(self, peer: Peer, request: TapRequest, fds_in: list[int], log: Any) -> Grant:
         what = plan(request)
-        if isinstance(what, CreatePlan):
-            return await self._create(peer, what, log)
+        queues = what.queues if isinstance(what, CreatePlan) else 1
         if isinstance(what, AdoptPlan):
-            return await self._adopt(peer, what, fds_in, log)
-        return await self._helper(peer, what, log)
+            queues = len(what.names)
+        log = log.bind(bridge=what.bridge, queues=queues)
+        held = self.lifecycle.registry.held_by(peer.uid) + self._making[peer.uid]
+        decision = self.policy.check(peer, what.bridge, queues, held)
+        log = log.bind(rule=decision.rule)
+        start = owner.identify(peer.pidfd, peer.pid) if peer.pidfd >= 0 else None
+        if start is None:
+            raise Denied("the requesting process exited before its tap was made")
+        self._making[peer.uid] += 1
+        try:
+            if isinstance(what, CreatePlan):
+                return await self._create(peer, what, decision, start, log)
+            if isinstance(what, AdoptPlan):
+                return await self._adopt(peer, what, decision, start, fds_in, log)
+            return await self._helper(peer, what, decision, start, log)
+        finally:
+            self._making[peer.uid] -= 1
+            if not self._making[peer.uid]:
+                del self._making[peer.uid]
 
     def _program(self, kind: str, table: dict[str, str], name: str) -> str:
         path = table.get(name)
@@ -104,12 +195,63 @@ class Service:
             return None
         return VhostSpec(device=self.config.vhost.device, force=vhost.force)
 
-    async def _create(self, peer: Peer, what: CreatePlan, log: Any) -> Grant:
+    def _lease(
+        self, peer: Peer, bridge: str, queues: int, start: int, downscript: str | None
+    ) -> Lease:
+        """A lease with its tag, before the tap exists (the tag is set in the
+        same netlink message that attaches the tap)."""
+        return Lease(
+            id=new_id(),
+            ifname="",
+            ifindex=0,
+            bridge=bridge,
+            queues=queues,
+            uid=peer.uid,
+            gid=peer.gid,
+            pid=peer.pid,
+            starttime=start,
+            created=int(time.time()),
+            downscript=downscript,
+        )
+
+    def _grant(
+        self,
+        peer: Peer,
+        made: MadeTap,
+        lease: Lease,
+        fds: list[int],
+        reply_fds: int,
+        log: Any,
+        downscript_path: str | None = None,
+    ) -> Grant:
+        lease = dataclasses.replace(lease, ifname=made.ifname, ifindex=made.ifindex)
+        # Tracked before the reply goes out: the VM may close its fds (and the
+        # kernel announce the tap's end) the moment it has them.
+        self.lifecycle.begin(lease, os.dup(peer.pidfd))
+        log.info(
+            "request.granted",
+            outcome="granted",
+            lease=lease.id,
+            ifname=made.ifname,
+            mac=made.mac,
+            warnings=made.warnings or None,
+        )
+        return Grant(
+            _reply(made, reply_fds, lease),
+            fds,
+            lease=lease,
+            lifecycle=self.lifecycle,
+            downscript_path=downscript_path,
+            hook_timeout=self.config.programs.hook_timeout,
+        )
+
+    async def _create(
+        self, peer: Peer, what: CreatePlan, decision: Decision, start: int, log: Any
+    ) -> Grant:
         hooks = self.config.programs.hooks
         script = what.script and self._program("script", hooks, what.script)
         downscript = what.downscript and self._program("downscript", hooks, what.downscript)
-        decision = check(self.config, peer, what.bridge, what.queues)
-        log = log.bind(bridge=what.bridge, queues=what.queues, rule=decision.rule)
+        lease = self._lease(peer, what.bridge, what.queues, start, what.downscript)
         spec = TapSpec(
             bridge=what.bridge,
             ifname=what.ifname,
@@ -117,51 +259,56 @@ class Service:
             vnet_hdr=what.vnet_hdr,
             sndbuf=what.sndbuf,
             owner_uid=peer.uid,
+            owner_gid=decision.tap_gid,
             name_template=self.config.taps.name_template,
             vhost=self._vhost(what.vhost),
+            alias=lease.tag(),
         )
         made = await self.worker.run(self.maker.make, spec)
-        timeout = self.config.programs.hook_timeout
         if script and what.script:
             try:
-                await programs.run_hook(what.script, script, made.ifname, timeout)
+                await programs.run_hook(
+                    what.script, script, made.ifname, self.config.programs.hook_timeout
+                )
             except BaseException:
                 made.close()
                 raise
             log.info("hook.script.complete", script=what.script, ifname=made.ifname)
-        log.info("request.granted", outcome="granted", ifname=made.ifname, mac=made.mac)
-        return Grant(
-            _reply(made, len(made.fds)),
-            made.fds + made.vhost_fds,
-            downscript=(what.downscript, downscript, made.ifname)
-            if downscript and what.downscript
-            else None,
-            hook_timeout=timeout,
+        return self._grant(
+            peer, made, lease, made.fds + made.vhost_fds, len(made.fds), log, downscript or None
         )
 
-    async def _adopt(self, peer: Peer, what: AdoptPlan, fds_in: list[int], log: Any) -> Grant:
+    async def _adopt(
+        self,
+        peer: Peer,
+        what: AdoptPlan,
+        decision: Decision,
+        start: int,
+        fds_in: list[int],
+        log: Any,
+    ) -> Grant:
         if len(fds_in) < len(what.names):
             raise InvalidValue(
                 f"the request names {len(what.names)} tap fd(s) but {len(fds_in)} "
                 "arrived with it; send them in SCM_RIGHTS with the request line"
             )
-        decision = check(self.config, peer, what.bridge, len(what.names))
-        log = log.bind(bridge=what.bridge, queues=len(what.names), rule=decision.rule)
+        lease = self._lease(peer, what.bridge, len(what.names), start, None)
         spec = AdoptSpec(
             bridge=what.bridge,
             fds=tuple(fds_in[: len(what.names)]),
             sndbuf=what.sndbuf,
             vhost=self._vhost(what.vhost),
+            alias=lease.tag(),
         )
         made = await self.worker.run(self.maker.adopt, spec)
-        log.info("request.granted", outcome="granted", ifname=made.ifname, adopted=True)
         # The client keeps its own tap fds; only vhost fds go back.
-        return Grant(_reply(made, 0), list(made.vhost_fds))
+        return self._grant(peer, made, lease, list(made.vhost_fds), 0, log)
 
-    async def _helper(self, peer: Peer, what: HelperPlan, log: Any) -> Grant:
+    async def _helper(
+        self, peer: Peer, what: HelperPlan, decision: Decision, start: int, log: Any
+    ) -> Grant:
         path = self._program("helper", self.config.programs.helpers, what.helper)
-        decision = check(self.config, peer, what.bridge, 1)
-        log = log.bind(bridge=what.bridge, helper=what.helper, rule=decision.rule)
+        lease = self._lease(peer, what.bridge, 1, start, None)
         fd = await programs.run_helper(
             what.helper, path, what.bridge, self.config.programs.helper_timeout
         )
@@ -171,11 +318,12 @@ class Service:
                 fds=(fd,),
                 sndbuf=what.sndbuf,
                 owner_uid=peer.uid,
+                owner_gid=decision.tap_gid,
                 vhost=self._vhost(what.vhost),
+                alias=lease.tag(),
             )
             made = await self.worker.run(self.maker.adopt, spec)
         except BaseException:
             close_all([fd])
             raise
-        log.info("request.granted", outcome="granted", ifname=made.ifname, mac=made.mac)
-        return Grant(_reply(made, 1), [fd, *made.vhost_fds])
+        return self._grant(peer, made, lease, [fd, *made.vhost_fds], 1, log)

@@ -42,8 +42,10 @@ class TapSpec:
     vnet_hdr: bool | None = None  # None: if the kernel offers it
     sndbuf: int | None = None
     owner_uid: int | None = None
+    owner_gid: int | None = None
     name_template: str = "tap{rand}"
     vhost: VhostSpec | None = None  # open one vhost fd per queue
+    alias: str | None = None  # the lease tag
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,9 @@ class AdoptSpec:
     fds: tuple[int, ...]
     sndbuf: int | None = None
     owner_uid: int | None = None  # give the tap to this uid (helper-made taps)
+    owner_gid: int | None = None
     vhost: VhostSpec | None = None
+    alias: str | None = None
 
 
 @dataclass
@@ -63,6 +67,7 @@ class MadeTap:
     """A tap on its bridge.  Whoever holds this owns ``fds`` and ``vhost_fds``."""
 
     ifname: str
+    ifindex: int
     bridge: str
     fds: list[int]
     vnet_hdr: bool
@@ -151,6 +156,7 @@ class KernelTaps:
         name, fds = self._create(spec, vnet_hdr)
         made = MadeTap(
             ifname=name,
+            ifindex=0,
             bridge=bridge.name,
             fds=fds,
             vnet_hdr=vnet_hdr,
@@ -160,9 +166,10 @@ class KernelTaps:
             sndbuf=0,
         )
         try:
-            self._prepare(made, spec.sndbuf, spec.owner_uid)
+            self._prepare(made, spec.sndbuf, spec.owner_uid, spec.owner_gid)
             self._open_vhost(made, spec.vhost)
-            self.netlink.join_bridge(tun.ifindex(name), name, bridge, made.mac)
+            made.ifindex = tun.ifindex(name)
+            self.netlink.join_bridge(made.ifindex, name, bridge, made.mac, spec.alias)
         except BaseException:
             # Closing the last fd of a non-persistent tap removes the device.
             made.close()
@@ -203,6 +210,7 @@ class KernelTaps:
         bridge = self.netlink.bridge(spec.bridge)
         made = MadeTap(
             ifname=name,
+            ifindex=0,
             bridge=bridge.name,
             fds=list(spec.fds),
             vnet_hdr=infos[0].vnet_hdr,
@@ -212,15 +220,18 @@ class KernelTaps:
             sndbuf=0,
         )
         try:
-            self._prepare(made, spec.sndbuf, spec.owner_uid)
+            self._prepare(made, spec.sndbuf, spec.owner_uid, spec.owner_gid)
             self._open_vhost(made, spec.vhost)
-            self.netlink.join_bridge(tun.ifindex(name), name, bridge, made.mac)
+            made.ifindex = tun.ifindex(name)
+            self.netlink.join_bridge(made.ifindex, name, bridge, made.mac, spec.alias)
         except BaseException:
             tun.close_all(made.vhost_fds)
             raise
         return made
 
-    def _prepare(self, made: MadeTap, sndbuf: int | None, owner_uid: int | None) -> None:
+    def _prepare(
+        self, made: MadeTap, sndbuf: int | None, owner_uid: int | None, owner_gid: int | None
+    ) -> None:
         # As QEMU's net_tap_fd_init() + tap_set_sndbuf() do for every queue:
         # offloads off until the guest negotiates them, the virtio-net header
         # length reset (another user may have changed it), and the send buffer
@@ -239,8 +250,11 @@ class KernelTaps:
                 if sndbuf is not None:  # QEMU: an error only when sndbuf= was given
                     raise
         made.sndbuf = tun.get_sndbuf(made.fds[0])
+        # Ownership is per device: one queue's fd is enough.
         if owner_uid is not None:
             tun.set_owner(made.fds[0], owner_uid)
+        if owner_gid is not None:
+            tun.set_group(made.fds[0], owner_gid)
 
     def _open_vhost(self, made: MadeTap, vhost: VhostSpec | None) -> None:
         """One vhost fd per queue (net_init_tap_one() opens one per queue)."""

@@ -118,7 +118,17 @@ class Daemon:
         netlink socket and kernel thread are made lazily)."""
         self.request(br=bridge).close()
         wait_until(lambda: taps(self.ns) == [], what="the warm-up tap to vanish")
-        return self.pid_fds()
+        wait_until(lambda: self.leases() == [], what="the warm-up lease to end")
+        # The lease's owner watch closes its pidfd just after the lease ends.
+        counts = [self.pid_fds()]
+        while len(counts) < 5 or len(set(counts[-5:])) != 1:
+            time.sleep(0.02)
+            counts.append(self.pid_fds())
+        return counts[-1]
+
+    def leases(self) -> list[dict[str, Any]]:
+        reply, _ = self.call({"op": "list"})
+        return list(reply["leases"])
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:

@@ -1,0 +1,119 @@
+"""Leases: every tap tapd handed out, from grant until the tap is gone.
+
+The state that must survive tapd lives in the kernel, not here: each tap tapd
+makes carries a tag in its interface alias (IFLA_IFALIAS) naming its lease, its
+owner and the owner process's start time.  A fresh tapd rebuilds the table from
+the interfaces alone (:func:`parse_tag`).  This module is pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import asdict, dataclass
+from typing import Any
+
+#: <linux/if.h>: IFALIASZ is 256 including the NUL
+IFALIASZ = 256
+TAG_PREFIX = "tapd:1"
+
+
+def new_id() -> str:
+    return secrets.token_hex(6)
+
+
+@dataclass(frozen=True)
+class Lease:
+    id: str
+    ifname: str
+    ifindex: int
+    bridge: str
+    queues: int
+    uid: int
+    gid: int
+    pid: int
+    #: the owner's start time in clock ticks since boot (/proc/PID/stat field
+    #: 22): with the pid, it names one process even after the pid is reused
+    starttime: int
+    created: int  # seconds since the epoch
+    downscript: str | None = None
+
+    def tag(self) -> str:
+        """The interface alias that lets a restarted tapd find this lease."""
+        fields = [
+            TAG_PREFIX,
+            f"id={self.id}",
+            f"br={self.bridge}",
+            f"q={self.queues}",
+            f"uid={self.uid}",
+            f"gid={self.gid}",
+            f"pid={self.pid}",
+            f"start={self.starttime}",
+            f"created={self.created}",
+        ]
+        if self.downscript:
+            fields.append(f"down={self.downscript}")
+        tag = " ".join(fields)
+        assert len(tag.encode()) < IFALIASZ
+        return tag
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = asdict(self)
+        del wire["starttime"]
+        return wire
+
+
+def parse_tag(ifindex: int, ifname: str, alias: str | None) -> Lease | None:
+    """The lease a tap's alias describes, or None if it is not a tapd tag."""
+    if not alias or not alias.startswith(TAG_PREFIX + " "):
+        return None
+    fields = dict(part.partition("=")[::2] for part in alias.split()[1:])
+    try:
+        return Lease(
+            id=fields["id"],
+            ifname=ifname,
+            ifindex=ifindex,
+            bridge=fields["br"],
+            queues=int(fields["q"]),
+            uid=int(fields["uid"]),
+            gid=int(fields["gid"]),
+            pid=int(fields["pid"]),
+            starttime=int(fields["start"]),
+            created=int(fields["created"]),
+            downscript=fields.get("down") or None,
+        )
+    except (KeyError, ValueError):
+        return None
+
+
+class Registry:
+    """Live leases, by interface index (what netlink events carry)."""
+
+    def __init__(self) -> None:
+        self._by_index: dict[int, Lease] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_index)
+
+    def add(self, lease: Lease) -> None:
+        self._by_index[lease.ifindex] = lease
+
+    def pop(self, ifindex: int) -> Lease | None:
+        return self._by_index.pop(ifindex, None)
+
+    def get(self, ifindex: int) -> Lease | None:
+        return self._by_index.get(ifindex)
+
+    def held_by(self, uid: int) -> int:
+        return sum(1 for lease in self._by_index.values() if lease.uid == uid)
+
+    def visible_to(self, uid: int) -> list[Lease]:
+        """Root sees every lease; anyone else only their own."""
+        leases = sorted(self._by_index.values(), key=lambda lease: lease.created)
+        return [lease for lease in leases if uid == 0 or lease.uid == uid]
+
+    def find(self, uid: int, key: str) -> Lease | None:
+        """A lease ``uid`` may act on, by id or ifname."""
+        for lease in self.visible_to(uid):
+            if key in (lease.id, lease.ifname):
+                return lease
+        return None

@@ -1,0 +1,155 @@
+"""Leases from grant to the tap's end: netlink events, owner processes, restarts.
+
+A lease ends when its tap goes away, which tapd learns from RTM_DELLINK, never
+by polling.  A VM may make its tap persistent (TUNSETPERSIST needs no privilege
+on an fd it holds), so tapd also watches each lease's owner process through a
+pidfd and removes the tap once the owner is gone.  At start, :meth:`reconcile`
+rebuilds the leases from the tags on the interfaces themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import trio
+
+from . import log as logging
+from . import owner, programs
+from .config import Config
+from .leases import Lease, Registry, parse_tag
+from .netlink import LinkMonitor, Netlink
+from .worker import KernelWorker
+
+
+class Lifecycle:
+    def __init__(self, config: Config, worker: KernelWorker, netlink: Netlink) -> None:
+        self.config = config
+        self.worker = worker
+        self.netlink = netlink
+        self.registry = Registry()
+        self.log = logging.get()
+        self._watches: dict[int, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        token = trio.lowlevel.current_trio_token()
+        monitor = LinkMonitor(lambda index: token.run_sync_soon(self._link_gone, index))
+        await trio.to_thread.run_sync(monitor.start)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self.reconcile()
+            task_status.started()
+            await trio.sleep_forever()
+
+    # -- events ----------------------------------------------------------------
+
+    def _link_gone(self, index: int | None) -> None:
+        if index is None:
+            self._spawn(self._resync)
+            return
+        lease = self.registry.pop(index)
+        if lease is not None:
+            self._ended(lease, "tap-removed")
+
+    async def _resync(self) -> None:
+        present = await self.worker.run(self.netlink.present)
+        for lease in self.registry.visible_to(0):
+            if lease.ifindex not in present and self.registry.pop(lease.ifindex):
+                self._ended(lease, "tap-removed")
+
+    def _ended(self, lease: Lease, reason: str) -> None:
+        scope = self._watches.pop(lease.ifindex, None)
+        if scope is not None:
+            scope.cancel()
+        self.log.info(
+            "lease.ended", lease=lease.id, ifname=lease.ifname, uid=lease.uid, reason=reason
+        )
+        if lease.downscript:
+            self._spawn(self._downscript, lease)
+
+    async def _downscript(self, lease: Lease) -> None:
+        assert lease.downscript is not None
+        path = self.config.programs.hooks.get(lease.downscript)
+        if path is None:
+            self.log.warning("hook.downscript.missing", lease=lease.id, script=lease.downscript)
+            return
+        try:
+            await programs.run_hook(
+                lease.downscript, path, lease.ifname, self.config.programs.hook_timeout
+            )
+        except Exception as exc:
+            self.log.warning("hook.downscript.failed", lease=lease.id, error=str(exc))
+        else:
+            self.log.info("hook.downscript.complete", lease=lease.id, ifname=lease.ifname)
+
+    def _spawn(self, fn: Any, *args: Any) -> None:
+        assert self._nursery is not None, "Lifecycle.run() is not running"
+        self._nursery.start_soon(fn, *args)
+
+    # -- grants ----------------------------------------------------------------
+
+    def begin(self, lease: Lease, pidfd: int) -> None:
+        """Start tracking ``lease``; takes ownership of ``pidfd``."""
+        self.registry.add(lease)
+        scope = trio.CancelScope()
+        self._watches[lease.ifindex] = scope
+        self._spawn(self._watch, lease, pidfd, scope)
+        self.log.info(
+            "lease.started", lease=lease.id, ifname=lease.ifname, uid=lease.uid, pid=lease.pid
+        )
+
+    def drop(self, lease: Lease) -> None:
+        """Forget a lease whose grant was never delivered (its tap goes with
+        the fds tapd still holds)."""
+        if self.registry.get(lease.ifindex) is lease:
+            self.registry.pop(lease.ifindex)
+        scope = self._watches.pop(lease.ifindex, None)
+        if scope is not None:
+            scope.cancel()
+
+    async def _watch(self, lease: Lease, pidfd: int, scope: trio.CancelScope) -> None:
+        try:
+            with scope:
+                await trio.lowlevel.wait_readable(pidfd)
+                if self.registry.get(lease.ifindex) is not lease:
+                    return
+                self.log.info(
+                    "lease.owner.exited", lease=lease.id, ifname=lease.ifname, pid=lease.pid
+                )
+                # Usually the owner's exit closed the fds and the tap is already
+                # going; a persistent tap is removed here.  Either way the
+                # RTM_DELLINK that follows ends the lease.
+                await self.worker.run(self.netlink.delete, lease.ifindex)
+        finally:
+            trio.lowlevel.notify_closing(pidfd)
+            os.close(pidfd)
+
+    async def release(self, lease: Lease) -> None:
+        """End a lease now: remove its tap even while a VM holds it."""
+        removed = await self.worker.run(self.netlink.delete, lease.ifindex)
+        # Already gone and its event not yet here: end it now.
+        if not removed and self.registry.pop(lease.ifindex) is not None:
+            self._ended(lease, "released")
+
+    # -- restart ---------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        """Rebuild leases from the interfaces' tags; remove taps whose owner is gone."""
+        kept = removed = 0
+        for index, name, alias in await self.worker.run(self.netlink.tagged_taps):
+            lease = parse_tag(index, name, alias)
+            if lease is None:
+                continue
+            pidfd = owner.reopen(lease.pid, lease.starttime)
+            if pidfd is not None:
+                self.begin(lease, pidfd)
+                kept += 1
+                continue
+            self.log.info("lease.owner.gone", lease=lease.id, ifname=name, pid=lease.pid)
+            self.registry.add(lease)  # so that its RTM_DELLINK ends it, downscript and all
+            with contextlib.suppress(Exception):
+                await self.worker.run(self.netlink.delete, index)
+            removed += 1
+        self.log.info("lease.reconciled", kept=kept, removed=removed)

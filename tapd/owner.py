@@ -1,0 +1,78 @@
+"""Knowing a lease's owner process, robustly against pid reuse.
+
+A pid alone may name another process tomorrow.  tapd therefore holds a pidfd
+for every owner (taken from the connection itself with SO_PEERPIDFD where the
+kernel has it), and records the owner's start time next to its pid so that a
+restarted tapd can tell the same process from a new one with the same pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+from typing import Any
+
+#: <asm-generic/socket.h>: SO_PEERPIDFD (Linux 6.5): a pidfd for the peer
+#: process as of connect(), with no window for pid reuse.
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+
+
+def peer_pidfd(sock: Any, pid: int) -> int | None:
+    """A pidfd for the process at the other end of ``sock``, or None if it is
+    already gone."""
+    with contextlib.suppress(OSError):
+        fd = int(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
+        if fd >= 0:
+            os.set_inheritable(fd, False)
+            return fd
+    # Older kernels: the pid as SO_PEERCRED reported it, checked below.
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return None
+
+
+def exited(pidfd: int) -> bool:
+    """A pidfd polls readable once its process has exited."""
+    readable, _, _ = select.select([pidfd], [], [], 0)
+    return bool(readable)
+
+
+def starttime(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat: when the process started, in clock ticks."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after
+    # its last ')'.  What follows starts at field 3.
+    rest = stat[stat.rindex(b")") + 2 :].split()
+    try:
+        return int(rest[22 - 3])
+    except (IndexError, ValueError):
+        return None
+
+
+def identify(pidfd: int, pid: int) -> int | None:
+    """The start time of the process ``pidfd`` holds, read through its pid and
+    confirmed by the pidfd still being live (so the pid was not reused)."""
+    start = starttime(pid)
+    if start is None or exited(pidfd):
+        return None
+    return start
+
+
+def reopen(pid: int, start: int) -> int | None:
+    """A pidfd for the process that was ``pid`` started at ``start``, or None
+    if that process is gone (the pid free, or taken by another)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    if identify(pidfd, pid) != start:
+        os.close(pidfd)
+        return None
+    return pidfd
