@@ -138,7 +138,35 @@ def request_tap(
     return TapGrant(reply=reply, tap_fds=fds[:ntap], vhost_fds=fds[ntap:])
 
 
-def hello(*, path: str | None = None) -> dict[str, Any]:
-    reply, fds = call({"op": "hello"}, path=path)
+def _simple(request: dict[str, Any], path: str | None) -> dict[str, Any]:
+    reply, fds = call(request, path=path)
     close_all(fds)
     return reply
+
+
+def hello(*, path: str | None = None) -> dict[str, Any]:
+    return _simple({"op": "hello"}, path)
+
+
+def leases(*, path: str | None = None) -> list[dict[str, Any]]:
+    """Your leases (root: every lease)."""
+    return list(_simple({"op": "list"}, path)["leases"])
+
+
+def release(lease: str, *, path: str | None = None) -> dict[str, Any]:
+    """End one of your leases by id or ifname: its tap is removed at once."""
+    return dict(_simple({"op": "release", "lease": lease}, path)["lease"])
+
+
+def status(*, path: str | None = None) -> dict[str, Any]:
+    return _simple({"op": "status"}, path)
+
+
+def bridge_helper(br: str | None, vnet_hdr: bool | None, *, path: str | None = None) -> TapGrant:
+    """A tap for the QEMU that is this process's parent (QEMU's helper protocol)."""
+    body: dict[str, Any] = {"op": "bridge-helper", "br": br, "vnet_hdr": vnet_hdr}
+    reply, fds = call({k: v for k, v in body.items() if v is not None}, path=path)
+    if len(fds) != 1:
+        close_all(fds)
+        raise ClientError("bad-reply", f"tapd sent {len(fds)} fds for a helper request")
+    return TapGrant(reply=reply, tap_fds=fds)

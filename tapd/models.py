@@ -64,6 +64,16 @@ class HelloRequest(_Frozen):
     op: Literal["hello"]
 
 
+class BridgeHelperRequest(_Frozen):
+    """``{"op": "bridge-helper", "br": ..., "vnet_hdr": ...}``: what a process
+    standing in for QEMU's bridge helper asks: a tap on ``br`` (QEMU's default
+    br0) whose lease belongs to the caller's parent, the QEMU that ran it."""
+
+    op: Literal["bridge-helper"]
+    br: str | None = None
+    vnet_hdr: bool | None = None
+
+
 class ListRequest(_Frozen):
     """``{"op": "list"}``: my leases (root: every lease)."""
 
@@ -83,12 +93,15 @@ class StatusRequest(_Frozen):
     op: Literal["status"]
 
 
-Request = HelloRequest | TapRequest | ListRequest | ReleaseRequest | StatusRequest
+Request = (
+    HelloRequest | TapRequest | BridgeHelperRequest | ListRequest | ReleaseRequest | StatusRequest
+)
 
 #: op name -> model; the protocol module dispatches on it.
 REQUEST_MODELS: dict[str, type[Request]] = {
     "hello": HelloRequest,
     "request": TapRequest,
+    "bridge-helper": BridgeHelperRequest,
     "list": ListRequest,
     "release": ReleaseRequest,
     "status": StatusRequest,

@@ -40,8 +40,8 @@ def exited(pidfd: int) -> bool:
     return bool(readable)
 
 
-def starttime(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat: when the process started, in clock ticks."""
+def _stat_field(pid: int, field: int) -> int | None:
+    """Numeric field ``field`` (1-based, as in proc(5)) of /proc/PID/stat."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
@@ -51,9 +51,35 @@ def starttime(pid: int) -> int | None:
     # its last ')'.  What follows starts at field 3.
     rest = stat[stat.rindex(b")") + 2 :].split()
     try:
-        return int(rest[22 - 3])
+        return int(rest[field - 3])
     except (IndexError, ValueError):
         return None
+
+
+def starttime(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat: when the process started, in clock ticks."""
+    return _stat_field(pid, 22)
+
+
+def parent(pidfd: int, pid: int) -> tuple[int, int] | None:
+    """(pid, pidfd) of the parent of the live process ``pidfd``/``pid``.
+
+    The parent's pid is read, a pidfd opened for it, and then the child is
+    checked to be still alive and still that pid's child: a parent that had
+    exited in between would have left its child reparented, so the pidfd is
+    known to hold the real parent, not a process that reused its pid.
+    """
+    ppid = _stat_field(pid, 4)
+    if ppid is None or ppid <= 1:
+        return None
+    try:
+        ppidfd = os.pidfd_open(ppid)
+    except OSError:
+        return None
+    if exited(pidfd) or _stat_field(pid, 4) != ppid:
+        os.close(ppidfd)
+        return None
+    return ppid, ppidfd
 
 
 def identify(pidfd: int, pid: int) -> int | None:

@@ -25,6 +25,7 @@ from .leases import Lease, new_id
 from .lifecycle import Lifecycle
 from .models import (
     REQUEST_MODELS,
+    BridgeHelperRequest,
     HelloReply,
     LeaseInfo,
     ListReply,
@@ -34,7 +35,15 @@ from .models import (
     TapReply,
     TapRequest,
 )
-from .options import AdoptPlan, CreatePlan, HelperPlan, Vhost, plan
+from .options import (
+    DEFAULT_HELPER_BRIDGE,
+    AdoptPlan,
+    CreatePlan,
+    HelperPlan,
+    Plan,
+    Vhost,
+    plan,
+)
 from .policy import Decision, Peer, Policy
 from .taps import AdoptSpec, MadeTap, TapMaker, TapSpec, VhostSpec
 from .tun import close_all
@@ -72,6 +81,45 @@ class Grant:
                 except Exception as exc:
                     log.warning("hook.downscript.failed", lease=self.lease.id, error=str(exc))
         self.sent()
+
+
+class _Owner:
+    """The process a lease belongs to: a pidfd (ours until :meth:`take`), its
+    pid, and its start time, which with the pid names it across restarts."""
+
+    def __init__(self, pid: int, pidfd: int) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        start = owner.identify(pidfd, pid)
+        if start is None:
+            os.close(pidfd)
+            raise Denied("the process the tap would belong to has exited")
+        self.start = start
+
+    @classmethod
+    def of_peer(cls, peer: Peer) -> _Owner:
+        if peer.pidfd < 0:
+            raise Denied("the requesting process exited before its tap was made")
+        return cls(peer.pid, os.dup(peer.pidfd))
+
+    @classmethod
+    def parent_of(cls, peer: Peer) -> _Owner:
+        found = owner.parent(peer.pidfd, peer.pid) if peer.pidfd >= 0 else None
+        if found is None:
+            raise Denied("the requesting process's parent (its VMM) is gone")
+        return cls(*found)
+
+    def take(self) -> int:
+        pidfd, self.pidfd = self.pidfd, -1
+        return pidfd
+
+    def __enter__(self) -> _Owner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
 
 
 def _reply(made: MadeTap, fds: int, lease: Lease) -> TapReply:
@@ -123,7 +171,16 @@ class Service:
     async def handle(self, peer: Peer, request: Request, fds_in: list[int], log: Any) -> Grant:
         """Carry out ``request``.  ``fds_in`` stay the caller's to close."""
         if isinstance(request, TapRequest):
-            return await self._request(peer, request, fds_in, log)
+            return await self._request(peer, plan(request), fds_in, log, _Owner.of_peer(peer))
+        if isinstance(request, BridgeHelperRequest):
+            # QEMU's bridge helper protocol: a tap on br (default br0), no other
+            # options; the lease belongs to the QEMU that ran the helper.
+            what = plan(
+                TapRequest(
+                    op="request", br=request.br or DEFAULT_HELPER_BRIDGE, vnet_hdr=request.vnet_hdr
+                )
+            )
+            return await self._request(peer, what, fds_in, log, _Owner.parent_of(peer))
         if request.op == "hello":
             return Grant(
                 HelloReply(
@@ -156,8 +213,15 @@ class Service:
 
     # -- requests for taps ----------------------------------------------------
 
-    async def _request(self, peer: Peer, request: TapRequest, fds_in: list[int], log: Any) -> Grant:
-        what = plan(request)
+    async def _request(
+        self, peer: Peer, what: Plan, fds_in: list[int], log: Any, owner_: _Owner
+    ) -> Grant:
+        with owner_:
+            return await self._granted(peer, what, fds_in, log, owner_)
+
+    async def _granted(
+        self, peer: Peer, what: Plan, fds_in: list[int], log: Any, owner_: _Owner
+    ) -> Grant:
         queues = what.queues if isinstance(what, CreatePlan) else 1
         if isinstance(what, AdoptPlan):
             queues = len(what.names)
@@ -165,16 +229,13 @@ class Service:
         held = self.lifecycle.registry.held_by(peer.uid) + self._making[peer.uid]
         decision = self.policy.check(peer, what.bridge, queues, held)
         log = log.bind(rule=decision.rule)
-        start = owner.identify(peer.pidfd, peer.pid) if peer.pidfd >= 0 else None
-        if start is None:
-            raise Denied("the requesting process exited before its tap was made")
         self._making[peer.uid] += 1
         try:
             if isinstance(what, CreatePlan):
-                return await self._create(peer, what, decision, start, log)
+                return await self._create(peer, what, decision, owner_, log)
             if isinstance(what, AdoptPlan):
-                return await self._adopt(peer, what, decision, start, fds_in, log)
-            return await self._helper(peer, what, decision, start, log)
+                return await self._adopt(peer, what, owner_, fds_in, log)
+            return await self._helper(peer, what, decision, owner_, log)
         finally:
             self._making[peer.uid] -= 1
             if not self._making[peer.uid]:
@@ -196,7 +257,7 @@ class Service:
         return VhostSpec(device=self.config.vhost.device, force=vhost.force)
 
     def _lease(
-        self, peer: Peer, bridge: str, queues: int, start: int, downscript: str | None
+        self, peer: Peer, bridge: str, queues: int, owner_: _Owner, downscript: str | None
     ) -> Lease:
         """A lease with its tag, before the tap exists (the tag is set in the
         same netlink message that attaches the tap)."""
@@ -208,15 +269,15 @@ class Service:
             queues=queues,
             uid=peer.uid,
             gid=peer.gid,
-            pid=peer.pid,
-            starttime=start,
+            pid=owner_.pid,
+            starttime=owner_.start,
             created=int(time.time()),
             downscript=downscript,
         )
 
     def _grant(
         self,
-        peer: Peer,
+        owner_: _Owner,
         made: MadeTap,
         lease: Lease,
         fds: list[int],
@@ -227,7 +288,7 @@ class Service:
         lease = dataclasses.replace(lease, ifname=made.ifname, ifindex=made.ifindex)
         # Tracked before the reply goes out: the VM may close its fds (and the
         # kernel announce the tap's end) the moment it has them.
-        self.lifecycle.begin(lease, os.dup(peer.pidfd))
+        self.lifecycle.begin(lease, owner_.take())
         log.info(
             "request.granted",
             outcome="granted",
@@ -246,12 +307,12 @@ class Service:
         )
 
     async def _create(
-        self, peer: Peer, what: CreatePlan, decision: Decision, start: int, log: Any
+        self, peer: Peer, what: CreatePlan, decision: Decision, owner_: _Owner, log: Any
     ) -> Grant:
         hooks = self.config.programs.hooks
         script = what.script and self._program("script", hooks, what.script)
         downscript = what.downscript and self._program("downscript", hooks, what.downscript)
-        lease = self._lease(peer, what.bridge, what.queues, start, what.downscript)
+        lease = self._lease(peer, what.bridge, what.queues, owner_, what.downscript)
         spec = TapSpec(
             bridge=what.bridge,
             ifname=what.ifname,
@@ -275,15 +336,14 @@ class Service:
                 raise
             log.info("hook.script.complete", script=what.script, ifname=made.ifname)
         return self._grant(
-            peer, made, lease, made.fds + made.vhost_fds, len(made.fds), log, downscript or None
+            owner_, made, lease, made.fds + made.vhost_fds, len(made.fds), log, downscript or None
         )
 
     async def _adopt(
         self,
         peer: Peer,
         what: AdoptPlan,
-        decision: Decision,
-        start: int,
+        owner_: _Owner,
         fds_in: list[int],
         log: Any,
     ) -> Grant:
@@ -292,7 +352,7 @@ class Service:
                 f"the request names {len(what.names)} tap fd(s) but {len(fds_in)} "
                 "arrived with it; send them in SCM_RIGHTS with the request line"
             )
-        lease = self._lease(peer, what.bridge, len(what.names), start, None)
+        lease = self._lease(peer, what.bridge, len(what.names), owner_, None)
         spec = AdoptSpec(
             bridge=what.bridge,
             fds=tuple(fds_in[: len(what.names)]),
@@ -302,13 +362,13 @@ class Service:
         )
         made = await self.worker.run(self.maker.adopt, spec)
         # The client keeps its own tap fds; only vhost fds go back.
-        return self._grant(peer, made, lease, list(made.vhost_fds), 0, log)
+        return self._grant(owner_, made, lease, list(made.vhost_fds), 0, log)
 
     async def _helper(
-        self, peer: Peer, what: HelperPlan, decision: Decision, start: int, log: Any
+        self, peer: Peer, what: HelperPlan, decision: Decision, owner_: _Owner, log: Any
     ) -> Grant:
         path = self._program("helper", self.config.programs.helpers, what.helper)
-        lease = self._lease(peer, what.bridge, 1, start, None)
+        lease = self._lease(peer, what.bridge, 1, owner_, None)
         fd = await programs.run_helper(
             what.helper, path, what.bridge, self.config.programs.helper_timeout
         )
@@ -326,4 +386,4 @@ class Service:
         except BaseException:
             close_all([fd])
             raise
-        return self._grant(peer, made, lease, [fd, *made.vhost_fds], 1, log)
+        return self._grant(owner_, made, lease, [fd, *made.vhost_fds], 1, log)

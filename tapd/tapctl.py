@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
+import time
 from collections.abc import Sequence
 
-from . import client
+from . import client, fdpass
 from .config import DEFAULT_SOCKET
 
 _PLACEHOLDERS = ("{fd}", "{fds}", "{vhostfd}", "{vhostfds}", "{ifname}")
@@ -57,7 +59,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     req.add_argument("--json", action="store_true", help="print the reply as JSON")
     req.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    lst = verbs.add_parser("list", help="your leases (root: all of them)")
+    lst.add_argument("--json", action="store_true", help="print a JSON list of leases")
+    rel = verbs.add_parser("release", help="end a lease now: its tap is removed")
+    rel.add_argument("lease", metavar="ID|IFNAME")
+    st = verbs.add_parser("status", help="how the daemon is doing")
+    st.add_argument("--json", action="store_true", help="print the reply as JSON")
+    helper = verbs.add_parser(
+        "helper",
+        help="stand in for qemu-bridge-helper (QEMU runs this; see README)",
+        description=(
+            "QEMU's bridge helper protocol: -netdev bridge,br=BR,helper=... runs this "
+            "with --use-vnet --fd=N --br=BR; it asks tapd for a tap on BR and sends "
+            "it back on fd N.  The lease belongs to QEMU, the parent process."
+        ),
+    )
+    _helper_arguments(helper)
     return p
+
+
+def _helper_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--use-vnet", action="store_true", help="give the tap IFF_VNET_HDR")
+    p.add_argument("--fd", type=int, required=True, help="socket to send the tap fd on")
+    p.add_argument("--br", help="bridge (QEMU's default: br0)")
 
 
 def substitute(args: Sequence[str], grant: client.TapGrant) -> list[str]:
@@ -195,15 +219,94 @@ def _request(args: argparse.Namespace) -> int:
         return 127
 
 
+def _age(created: int) -> str:
+    seconds = max(0, int(time.time()) - created)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _list(args: argparse.Namespace) -> int:
+    leases = client.leases(path=args.socket)
+    if args.json:
+        print(json.dumps(leases))
+        return 0
+    rows = [("LEASE", "IFNAME", "BRIDGE", "QUEUES", "UID", "PID", "AGE")]
+    rows += [
+        (x["id"], x["ifname"], x["bridge"], str(x["queues"]), str(x["uid"]), str(x["pid"]),
+         _age(x["created"]))
+        for x in leases
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    reply = client.status(path=args.socket)
+    if args.json:
+        print(json.dumps(reply))
+        return 0
+    print(
+        f"tapd {reply['version']} (protocol {reply['protocol']}): up {reply['uptime']:.0f}s, "
+        f"{reply['leases']} leases, {reply['connections']} connections, "
+        f"config {reply['config'] or '(built-in)'}"
+    )
+    return 0
+
+
+def _helper(args: argparse.Namespace) -> int:
+    """QEMU's side of net_bridge_run_helper(): one byte with the fd, exit 0."""
+    # As qemu-bridge-helper: --use-vnet means IFF_VNET_HDR if the kernel has it.
+    vnet_hdr = None if args.use_vnet else False
+    grant = client.bridge_helper(args.br, vnet_hdr, path=args.socket)
+    try:
+        with socket.socket(fileno=args.fd) as sock:
+            fdpass.send_line_sync(sock, b"\0", grant.tap_fds)
+    except OSError as exc:
+        raise client.ClientError(
+            "helper", f"cannot hand the tap to QEMU on fd {args.fd}: {exc}"
+        ) from None
+    finally:
+        grant.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.verb == "hello":
             print(json.dumps(client.hello(path=args.socket)))
             return 0
+        if args.verb == "list":
+            return _list(args)
+        if args.verb == "release":
+            lease = client.release(args.lease, path=args.socket)
+            print(f"released {lease['id']} ({lease['ifname']})")
+            return 0
+        if args.verb == "status":
+            return _status(args)
+        if args.verb == "helper":
+            return _helper(args)
         return _request(args)
     except client.ClientError as exc:
         print(f"tapctl: {exc.message} [{exc.code}]", file=sys.stderr)
+        return 1
+
+
+def bridge_helper_main() -> int:
+    """``tapd-bridge-helper``: the helper as a single executable path, for
+    ``-netdev bridge,helper=/usr/local/bin/tapd-bridge-helper``."""
+    p = argparse.ArgumentParser(prog="tapd-bridge-helper", description=_helper.__doc__)
+    p.add_argument("--socket", metavar="PATH", help="tapd's socket")
+    _helper_arguments(p)
+    args = p.parse_args()
+    try:
+        return _helper(args)
+    except client.ClientError as exc:
+        print(f"tapd-bridge-helper: {exc.message} [{exc.code}]", file=sys.stderr)
         return 1
 
 
