@@ -11,6 +11,7 @@ import grp
 import os
 import pwd
 import re
+import string
 import tomllib
 from pathlib import Path
 from typing import Annotated, Self
@@ -26,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from .options import ifname_problem
 from .tun import TUN_PATH
 
 DEFAULT_SOCKET = "/run/tapd.sock"
@@ -35,8 +37,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def is_id(name: str) -> bool:
+    """A numeric uid/gid written as ASCII digits ("²" is a digit to str.isdigit)."""
+    return name.isascii() and name.isdigit()
+
+
 def _user(name: str) -> str:
-    if not name.isdigit():
+    if not is_id(name):
         try:
             pwd.getpwnam(name)
         except KeyError:
@@ -47,7 +54,7 @@ def _user(name: str) -> str:
 
 
 def _group(name: str) -> str:
-    if not name.isdigit():
+    if not is_id(name):
         try:
             grp.getgrnam(name)
         except KeyError:
@@ -107,14 +114,19 @@ class TapsConfig(_Section):
         if "{rand}" not in value:
             raise ValueError("must contain {rand} so that generated names do not collide")
         try:
-            sample = value.format(rand="0" * 8, uid=4294967295)
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"only {{rand}} and {{uid}} may appear ({exc})") from None
-        if len(sample.encode()) > 15:
-            raise ValueError(
-                f"filled in it can be {len(sample.encode())} bytes; an interface "
-                "name has at most 15"
-            )
+            parsed = list(string.Formatter().parse(value))
+        except ValueError as exc:
+            raise ValueError(f"is not a valid template: {exc}") from None
+        for _, name, spec, conversion in parsed:
+            if name is None:
+                continue
+            if name not in ("rand", "uid"):
+                raise ValueError(f"only {{rand}} and {{uid}} may appear, not {{{name}}}")
+            if spec or conversion:
+                raise ValueError(f"write {{{name}}} with nothing else inside the braces")
+        problem = ifname_problem(value.format(rand="0" * 8, uid=4294967295))
+        if problem:
+            raise ValueError(f"filled in, {problem}")
         return value
 
 

@@ -102,7 +102,7 @@ def from_systemd(environ: dict[str, str] | None = None) -> Listener | None:
 
 
 def _gid(group: str) -> int:
-    if group.isdigit():
+    if group.isascii() and group.isdigit():
         return int(group)
     try:
         return grp.getgrnam(group).gr_gid

@@ -22,7 +22,8 @@ _IFNAME = re.compile(r"[A-Za-z0-9_.+@-]+")
 
 def ifname_problem(name: str) -> str | None:
     """Why ``name`` cannot be an interface name, or None if it can."""
-    size = len(name.encode())
+    # surrogatepass: a lone surrogate must be judged, not crash the judge
+    size = len(name.encode("utf-8", "surrogatepass"))
     if size == 0:
         return "an interface name cannot be empty"
     if size >= IFNAMSIZ:
@@ -42,6 +43,14 @@ def ifname_problem(name: str) -> str | None:
 
 def _given(value: object) -> bool:
     return value is not None
+
+
+def qemu_fd_count(names: str) -> int:
+    """How many fd names QEMU's get_fds() finds in ``names``: a trailing ':'
+    adds none, and an empty string is none."""
+    if not names:
+        return 0
+    return len(names.split(":")) - names.endswith(":")
 
 
 def check_qemu_rules(opts: TapOptions) -> None:
@@ -81,7 +90,7 @@ def check_qemu_rules(opts: TapOptions) -> None:
                 "ifname=, script=, downscript=, vnet_hdr=, helper=, queues=, "
                 "and vhostfd= are invalid with fds="
             )
-        if opts.vhostfds is not None and len(opts.fds.split(":")) != len(opts.vhostfds.split(":")):
+        if opts.vhostfds is not None and qemu_fd_count(opts.fds) != qemu_fd_count(opts.vhostfds):
             raise InvalidOptions(
                 "The number of fds passed does not match the number of vhostfds passed"
             )
@@ -104,9 +113,6 @@ def check_qemu_rules(opts: TapOptions) -> None:
     else:
         if _given(opts.vhostfds):
             raise InvalidOptions("vhostfds= is invalid if fds= wasn't specified")
-        queues = 1 if opts.queues is None else opts.queues
-        if queues > 1 and _given(opts.vhostfd):
-            raise InvalidOptions("vhostfd= is invalid with multiple queues")
     # net_init_tap_one(): vhost is on when vhost=on, or (vhost absent) when a
     # vhostfd is given or vhostforce=on.
     if opts.vhost is False and (_given(opts.vhostfd) or _given(opts.vhostfds)):
@@ -210,9 +216,12 @@ def plan(opts: TapOptions) -> Plan:
     check_qemu_rules(opts)
     vhost = _vhost(opts)
     if opts.fd is not None:
+        # fd= names one fd (QEMU reads it as one name; "3:4" is not two).
+        if not opts.fd:
+            raise InvalidValue("fd: name the tap fd sent with the request")
         return AdoptPlan(
             bridge=_bridge(opts.br),
-            names=_fd_names("fd", opts.fd),
+            names=(opts.fd,),
             sndbuf=opts.sndbuf,
             vhost=vhost,
         )

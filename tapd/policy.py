@@ -11,7 +11,7 @@ import grp
 import pwd
 from dataclasses import dataclass, field
 
-from .config import AllowRule, Config, DenyRule
+from .config import AllowRule, Config, DenyRule, is_id
 from .errors import Denied, QuotaExceeded
 
 
@@ -31,11 +31,11 @@ class Peer:
 
 
 def uid_of(name: str) -> int:
-    return int(name) if name.isdigit() else pwd.getpwnam(name).pw_uid
+    return int(name) if is_id(name) else pwd.getpwnam(name).pw_uid
 
 
 def gid_of(name: str) -> int:
-    return int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
+    return int(name) if is_id(name) else grp.getgrnam(name).gr_gid
 
 
 @dataclass(frozen=True)

@@ -100,8 +100,17 @@ def loads_object(line: bytes) -> dict[str, Any]:
         obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
     except json.JSONDecodeError as exc:
         raise MalformedJson(f"line is not valid JSON: {exc.msg} at column {exc.colno}") from None
+    except ValueError as exc:
+        # e.g. an integer of more digits than Python converts (4300 by default)
+        raise MalformedJson(f"line is not valid JSON: {exc}") from None
     except RecursionError:
         raise MalformedJson("line nests JSON too deeply") from None
+    try:
+        # JSON may spell a lone surrogate ("\\ud800"), which is no character:
+        # refuse it here, before any of it becomes a name or a log line.
+        json.dumps(obj, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise MalformedJson("line holds a \\u escape that is not a character") from None
     if not isinstance(obj, dict):
         raise NotAnObject(
             f'a request must be a JSON object, not {_json_type(obj)}; for example {{"op": "hello"}}'

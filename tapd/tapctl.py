@@ -100,7 +100,7 @@ def substitute(args: Sequence[str], grant: client.TapGrant) -> list[str]:
             if key in arg:
                 if value is None:
                     raise client.ClientError(
-                        "no-vhost", f"{key} is used, but tapd returned no vhost fds"
+                        "no-such-fd", f"{key} is used, but tapd returned no such fd"
                     )
                 arg = arg.replace(key, value)
         out.append(arg)
