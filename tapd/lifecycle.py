@@ -19,7 +19,7 @@ from . import log as logging
 from . import owner, programs
 from .config import Config
 from .leases import Lease, Registry, parse_tag
-from .netlink import LinkMonitor, Netlink
+from .netlink import RTM_DELLINK, Netlink, link_events
 from .worker import KernelWorker
 
 
@@ -34,20 +34,22 @@ class Lifecycle:
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        token = trio.lowlevel.current_trio_token()
-        monitor = LinkMonitor(lambda index: token.run_sync_soon(self._link_gone, index))
-        await trio.to_thread.run_sync(monitor.start)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            # Listening before reconciling: no removal between the two is missed.
+            await nursery.start(link_events, self._link_event)
             await self.reconcile()
             task_status.started()
-            await trio.sleep_forever()
 
     # -- events ----------------------------------------------------------------
 
-    def _link_gone(self, index: int | None) -> None:
+    def _link_event(self, kind: int, index: int | None) -> None:
         if index is None:
+            self.netlink.invalidate_all()
             self._spawn(self._resync)
+            return
+        self.netlink.invalidate(index)
+        if kind != RTM_DELLINK:
             return
         lease = self.registry.pop(index)
         if lease is not None:
