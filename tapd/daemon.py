@@ -143,6 +143,10 @@ def _reload(service: Service, path: str | None, notifier: Notifier) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # The kernel worker thread wakes from each syscall needing the GIL back;
+    # with the default 5 ms switch interval a busy loop thread could make it
+    # wait that long.  1 ms bounds that wait without much switching overhead.
+    sys.setswitchinterval(0.001)
     logging.configure()
     log = logging.get()
     if args.check_config is not None:

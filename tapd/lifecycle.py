@@ -19,7 +19,7 @@ from . import log as logging
 from . import owner, programs
 from .config import Config
 from .leases import Lease, Registry, parse_tag
-from .netlink import RTM_DELLINK, Netlink, link_events
+from .netlink import Netlink, link_events
 from .worker import KernelWorker
 
 
@@ -37,19 +37,15 @@ class Lifecycle:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             # Listening before reconciling: no removal between the two is missed.
-            await nursery.start(link_events, self._link_event)
+            await nursery.start(link_events, self._link_gone)
             await self.reconcile()
             task_status.started()
 
     # -- events ----------------------------------------------------------------
 
-    def _link_event(self, kind: int, index: int | None) -> None:
+    def _link_gone(self, index: int | None) -> None:
         if index is None:
-            self.netlink.invalidate_all()
             self._spawn(self._resync)
-            return
-        self.netlink.invalidate(index)
-        if kind != RTM_DELLINK:
             return
         lease = self.registry.pop(index)
         if lease is not None:
@@ -97,10 +93,8 @@ class Lifecycle:
         self.registry.add(lease)
         scope = trio.CancelScope()
         self._watches[lease.ifindex] = scope
+        # No log event here: request.granted (or lease.restored) names the lease.
         self._spawn(self._watch, lease, pidfd, scope)
-        self.log.info(
-            "lease.started", lease=lease.id, ifname=lease.ifname, uid=lease.uid, pid=lease.pid
-        )
 
     def drop(self, lease: Lease) -> None:
         """Forget a lease whose grant was never delivered (its tap goes with
@@ -147,6 +141,7 @@ class Lifecycle:
             pidfd = owner.reopen(lease.pid, lease.starttime)
             if pidfd is not None:
                 self.begin(lease, pidfd)
+                self.log.info("lease.restored", lease=lease.id, ifname=name, uid=lease.uid)
                 kept += 1
                 continue
             self.log.info("lease.owner.gone", lease=lease.id, ifname=name, pid=lease.pid)

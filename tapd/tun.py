@@ -256,9 +256,41 @@ def open_vhost(path: str) -> int:
     return os.open(path, os.O_RDWR | os.O_CLOEXEC)
 
 
+# <linux/sockios.h>
+SIOCGIFMTU = 0x8921
+SIOCGIFINDEX = 0x8933
+_IFREQ_INT = struct.Struct("16si20x")
+
+#: an AF_UNIX socket to address interface ioctls to; made on first use, by the
+#: kernel worker thread only (where every caller of this module runs)
+_ctl: socket.socket | None = None
+
+
+def _ifreq_int(name: str, request: int) -> int:
+    global _ctl
+    if _ctl is None:
+        _ctl = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    buf = fcntl.ioctl(_ctl, request, _IFREQ_INT.pack(name.encode(), 0))
+    return int(_IFREQ_INT.unpack(buf)[1])
+
+
+def link_state(name: str) -> tuple[int, int] | None:
+    """(ifindex, MTU) of interface ``name`` here, or None if there is none.
+
+    Two ioctls: cheap enough to check a cached bridge on every request instead
+    of following every link event.
+    """
+    try:
+        return _ifreq_int(name, SIOCGIFINDEX), _ifreq_int(name, SIOCGIFMTU)
+    except OSError as exc:
+        if exc.errno == errno.ENODEV:
+            return None
+        raise kernel_error(exc, f"looking up interface {name!r}") from None
+
+
 def ifindex(name: str) -> int:
     """The interface index of ``name`` in tapd's own network namespace."""
     try:
-        return socket.if_nametoindex(name)
+        return _ifreq_int(name, SIOCGIFINDEX)
     except OSError as exc:
         raise kernel_error(exc, f"looking up interface {name!r}") from None

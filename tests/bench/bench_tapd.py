@@ -1,0 +1,481 @@
+"""tapd's benchmark: per-tap cost against qemu-bridge-helper and the kernel's own.
+
+Run as root from the repository:  python tests/bench/bench_tapd.py [--json FILE]
+
+It makes network namespaces of its own (never touching the host's interfaces),
+starts tapd in them, and measures, interleaved in rounds so that machine noise
+hits every contender alike:
+
+1. the kernel floor: in-process open + TUNSETIFF + one hand-packed
+   RTM_NEWLINK setting master, MTU, address and up (the least the kernel can
+   do for a bridged tap);
+2. qemu-bridge-helper (Debian's QEMU), per tap, through its real protocol;
+3. tapd, per tap, from a separate client process (connect -> reply -> fd);
+4. throughput: 64 concurrent clients, 2,000 taps, tapd against the helper
+   run 64 at a time;
+5. a 256-queue request against its kernel floor;
+6. tapd's latency beyond the floor with 0, 250, 500 and 1000 live leases;
+7. tapd's RSS and open fds at 1000 leases, and the cold start to a first
+   reply under socket activation.
+
+Every tap is held until its phase ends (a bridge takes 1023 ports, so taps
+spread over several bridges), and each phase with many taps runs in a
+namespace of its own that is deleted whole: the kernel tears down a
+namespace's devices in one batch, where closing 2,000 fds one by one would
+cost a minute of RCU grace periods.  Not collected by pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HELPER = "/usr/lib/qemu/qemu-bridge-helper"
+BRIDGE_CONF = Path("/etc/qemu/bridge.conf")
+BRIDGES = ("br0", "br1", "br2", "br3")
+
+# <linux/if_tun.h>, <linux/rtnetlink.h>, <linux/if_link.h> for the floor
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE, IFF_TUN_EXCL = 2, 0x1000, 0x4000, 0x100, 0x8000
+RTM_NEWLINK, NLM_F_REQUEST, NLM_F_ACK = 16, 1, 4
+IFLA_ADDRESS, IFLA_MTU, IFLA_MASTER = 1, 4, 10
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def namespace(bridges: int = len(BRIDGES)) -> Iterator[str]:
+    """A fresh netns with bridges br0.., deleted (with every device) on exit."""
+    name = "tapd-bench-" + os.urandom(3).hex()
+    ip("netns", "add", name)
+    try:
+        ip("-n", name, "link", "set", "lo", "up")
+        for br in BRIDGES[:bridges]:
+            ip("-n", name, "link", "add", br, "type", "bridge")
+            ip("-n", name, "link", "set", br, "up")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def in_ns(ns: str, argv: list[str]) -> list[str]:
+    return ["ip", "netns", "exec", ns, *argv]
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class Series:
+    name: str
+    values: list[float] = field(default_factory=list)  # seconds
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def p99(self) -> float:
+        return pct(self.values, 0.99)
+
+
+# -- the in-namespace agent -------------------------------------------------------------
+#
+# Everything that must run inside a namespace (the floor, the helper, tapd's
+# clients) runs in one agent process started there, driven over stdin/stdout
+# with one JSON command per line.
+
+AGENT = r'''
+import fcntl, json, os, socket, struct, subprocess, sys, time, array, threading
+sys.path.insert(0, sys.argv[1])
+from tapd import client, fdpass
+
+TUNSETIFF = 0x400454CA
+held = []
+seq = [0]
+nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+nl.bind((0, 0))
+
+def setlink(index, master, mtu, mac):
+    """One RTM_NEWLINK: ifinfomsg + IFLA_ADDRESS, IFLA_MTU, IFLA_MASTER, IFF_UP."""
+    seq[0] += 1
+    attrs = struct.pack("=HH6sxx", 10, 1, mac) + struct.pack("=HHI", 8, 4, mtu) \
+        + struct.pack("=HHi", 8, 10, master)
+    body = struct.pack("=BxHiII", 0, 0, index, 1, 1) + attrs
+    nl.send(struct.pack("=IHHII", 16 + len(body), 16, 5, seq[0], 0) + body)
+    data = nl.recv(4096)
+    err = struct.unpack_from("=i", data, 16)[0]
+    if err:
+        raise OSError(-err, os.strerror(-err))
+
+def floor_one(name, br, queues=1):
+    flags = 0x2 | 0x1000 | 0x4000 | (0x100 if queues > 1 else 0)
+    fds = []
+    for q in range(queues):
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        fds.append(fd)
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(),
+                    flags | (0x8000 if q == 0 else 0)))
+    setlink(socket.if_nametoindex(name), socket.if_nametoindex(br), 1500,
+            b"\xfe" + os.urandom(5))
+    held.extend(fds)
+
+def helper_one(br):
+    a, b = socket.socketpair()
+    p = subprocess.Popen(["/usr/lib/qemu/qemu-bridge-helper", "--use-vnet",
+                          f"--fd={b.fileno()}", f"--br={br}"], pass_fds=[b.fileno()])
+    b.close()
+    got = fdpass.recv_sync(a, 1)
+    a.close()
+    if p.wait() != 0 or len(got.fds) != 1:
+        raise RuntimeError("helper failed")
+    held.extend(got.fds)
+
+def tapd_one(path, br, queues=1):
+    g = client.request_tap(path=path, br=br, queues=queues if queues > 1 else None)
+    held.extend(g.tap_fds)
+
+n = [0]
+for line in sys.stdin:
+    cmd = json.loads(line)
+    op = cmd["op"]
+    if op == "close":
+        for fd in held:
+            os.close(fd)
+        held.clear()
+        print(json.dumps([]), flush=True)
+        continue
+    if op == "quit":
+        break
+    out = []
+    for i in range(cmd["count"]):
+        br = cmd["bridges"][i % len(cmd["bridges"])]
+        t = time.perf_counter()
+        if op == "floor":
+            n[0] += 1
+            floor_one(f"fl{os.getpid() % 10000}x{n[0]}", br, cmd.get("queues", 1))
+        elif op == "helper":
+            helper_one(br)
+        elif op == "tapd":
+            tapd_one(cmd["path"], br, cmd.get("queues", 1))
+        out.append(time.perf_counter() - t)
+    print(json.dumps(out), flush=True)
+'''
+
+
+class Agent:
+    def __init__(self, ns: str) -> None:
+        self.proc = subprocess.Popen(
+            in_ns(ns, [sys.executable, "-c", AGENT, str(REPO)]),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def run(self, **cmd: object) -> list[float]:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"agent died on {cmd}")
+        return list(json.loads(line))
+
+    def quit(self) -> None:
+        assert self.proc.stdin and self.proc.stdout
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.write('{"op": "quit"}\n')
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        self.proc.stdout.close()
+
+
+@dataclass
+class Tapd:
+    proc: subprocess.Popen[bytes]
+    path: str
+    workdir: str
+
+    @classmethod
+    def start(cls, ns: str, config: str = "") -> Tapd:
+        workdir = tempfile.mkdtemp(prefix="tapd-bench-")
+        path = f"{workdir}/s"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(1024)
+        (Path(workdir) / "tapd.toml").write_text(config)
+        proc = subprocess.Popen(
+            in_ns(ns, [sys.executable, "-m", "tapd.daemon", "--listen-fd",
+                       str(listener.fileno()), "--config", f"{workdir}/tapd.toml"]),
+            pass_fds=[listener.fileno()], stderr=subprocess.DEVNULL, cwd=REPO,
+        )  # fmt: skip
+        listener.close()
+        return cls(proc, path, workdir)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def rss_and_fds(self) -> tuple[int, int]:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
+        return rss * 1024, len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+
+@contextlib.contextmanager
+def helper_acl() -> Iterator[None]:
+    """qemu-bridge-helper reads its ACL from a compiled-in path."""
+    saved = BRIDGE_CONF.read_bytes() if BRIDGE_CONF.exists() else None
+    BRIDGE_CONF.parent.mkdir(exist_ok=True)
+    BRIDGE_CONF.write_text("".join(f"allow {br}\n" for br in BRIDGES))
+    try:
+        yield
+    finally:
+        if saved is None:
+            BRIDGE_CONF.unlink()
+        else:
+            BRIDGE_CONF.write_bytes(saved)
+
+
+# -- the phases -------------------------------------------------------------------------
+
+
+def per_tap(rounds: int, per_round: int) -> dict[str, Series]:
+    """1-3: floor, helper and tapd per tap, interleaved round by round."""
+    series = {k: Series(k) for k in ("floor", "helper", "tapd")}
+    with namespace() as ns:
+        tapd = Tapd.start(ns)
+        agent = Agent(ns)
+        try:
+            agent.run(op="tapd", path=tapd.path, count=3, bridges=["br0"])  # warm up
+            agent.run(op="close")
+            for _ in range(rounds):
+                for kind in ("floor", "helper", "tapd"):
+                    series[kind].values += agent.run(
+                        op=kind, path=tapd.path, count=per_round, bridges=list(BRIDGES)
+                    )
+                agent.run(op="close")
+        finally:
+            agent.quit()
+            tapd.stop()
+    return series
+
+
+def _burst(kind: str, agents: list[Agent], path: str, total: int) -> float:
+    """Seconds for ``agents`` to get ``total`` taps at once, each its share."""
+    shares = [total // len(agents) + (i < total % len(agents)) for i in range(len(agents))]
+    barrier = threading.Barrier(len(agents) + 1)
+
+    def go(i: int) -> None:
+        barrier.wait()
+        agents[i].run(op=kind, path=path, count=shares[i], bridges=[BRIDGES[i % len(BRIDGES)]])
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(agents))]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
+
+
+def throughput(total: int, clients: int) -> dict[str, float]:
+    """4: taps per second with ``clients`` at once, ``total`` taps in all."""
+    result: dict[str, float] = {}
+    for kind in ("helper", "tapd"):
+        with namespace() as ns:
+            tapd = Tapd.start(ns) if kind == "tapd" else None
+            agents = [Agent(ns) for _ in range(clients)]
+            try:
+                path = tapd.path if tapd is not None else ""
+                if tapd is not None:  # the first request pays tapd's lazy start-up
+                    agents[0].run(op="tapd", path=path, count=1, bridges=["br0"])
+                result[kind] = total / _burst(kind, agents, path, total)
+            finally:
+                for agent in agents:
+                    agent.quit()
+                if tapd is not None:
+                    tapd.stop()
+    return result
+
+
+def multiqueue(rounds: int) -> dict[str, Series]:
+    """5: one 256-queue tap, tapd against its floor."""
+    series = {k: Series(f"256q {k}") for k in ("floor", "tapd")}
+    with namespace(1) as ns:
+        tapd = Tapd.start(ns)
+        agent = Agent(ns)
+        try:
+            agent.run(op="tapd", path=tapd.path, count=1, bridges=["br0"])
+            agent.run(op="close")
+            for _ in range(rounds):
+                for kind in ("floor", "tapd"):
+                    series[kind].values += agent.run(
+                        op=kind, path=tapd.path, count=1, bridges=["br0"], queues=256
+                    )
+                    agent.run(op="close")
+        finally:
+            agent.quit()
+            tapd.stop()
+    return series
+
+
+def scaling(
+    levels: list[int], per_level: int
+) -> tuple[dict[int, dict[str, Series]], dict[str, int]]:
+    """6 and 7: latency beyond the floor as leases grow; RSS and fds at the top."""
+    out: dict[int, dict[str, Series]] = {}
+    footprint: dict[str, int] = {}
+    with namespace() as ns:
+        tapd = Tapd.start(ns)
+        filler, agent = Agent(ns), Agent(ns)
+        try:
+            agent.run(op="tapd", path=tapd.path, count=2, bridges=["br0"])
+            agent.run(op="close")
+            live = 0
+            for level in levels:
+                filler.run(op="tapd", path=tapd.path, count=level - live, bridges=list(BRIDGES))
+                live = level
+                out[level] = {k: Series(f"{k}@{level}") for k in ("floor", "tapd")}
+                for _ in range(4):
+                    for kind in ("floor", "tapd"):
+                        out[level][kind].values += agent.run(
+                            op=kind, path=tapd.path, count=per_level // 4, bridges=list(BRIDGES)
+                        )
+                    agent.run(op="close")
+            rss, fds = tapd.rss_and_fds()
+            footprint = {"leases": live, "rss_bytes": rss, "open_fds": fds}
+        finally:
+            filler.quit()
+            agent.quit()
+            tapd.stop()
+    return out, footprint
+
+
+def cold_start(rounds: int) -> Series:
+    """7: socket activation to a first reply (python start-up included)."""
+    activate = shutil.which("systemd-socket-activate")
+    assert activate, "systemd-socket-activate (Debian's systemd) is needed"
+    series = Series("cold start")
+    with namespace(1) as ns:
+        for _ in range(rounds):
+            workdir = tempfile.mkdtemp(prefix="tapd-bench-")
+            path = f"{workdir}/s"
+            proc = subprocess.Popen(
+                in_ns(ns, [activate, "-l", path, sys.executable, "-m", "tapd.daemon"]),
+                stderr=subprocess.DEVNULL, cwd=REPO,
+            )  # fmt: skip
+            while not os.path.exists(path):
+                time.sleep(0.005)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            start = time.perf_counter()
+            sock.connect(path)
+            sock.sendall(b'{"op": "hello"}\n')
+            sock.recv(4096)
+            series.values.append(time.perf_counter() - start)
+            sock.close()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+            shutil.rmtree(workdir, ignore_errors=True)
+    return series
+
+
+# -- report -----------------------------------------------------------------------------
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:8.3f}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--per-round", type=int, default=40)
+    p.add_argument("--total", type=int, default=2000, help="taps in the throughput phase")
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        print("bench_tapd: run as root (it makes namespaces, bridges and taps)", file=sys.stderr)
+        return 2
+    if args.quick:
+        args.rounds, args.per_round, args.total, args.clients = 2, 10, 128, 16
+    levels = [0, 250, 500, 1000] if not args.quick else [0, 50]
+
+    with helper_acl():
+        taps = per_tap(args.rounds, args.per_round)
+        tput = throughput(args.total, args.clients)
+    mq = multiqueue(args.rounds)
+    scale, footprint = scaling(levels, args.per_round)
+    cold = cold_start(max(3, args.rounds))
+
+    floor, helper, tapd = taps["floor"], taps["helper"], taps["tapd"]
+    print(f"tapd benchmark on {platform.node()}: {os.cpu_count()} cores, "
+          f"Linux {platform.release()}, Python {platform.python_version()}")  # fmt: skip
+    print(f"{'what':34s} {'median ms':>9s} {'p99 ms':>9s} {'/helper':>8s} {'/floor':>7s}")
+    for s in (floor, helper, tapd):
+        print(f"{'per tap: ' + s.name:34s} {ms(s.median)} {ms(s.p99)} "
+              f"{s.median / helper.median:8.2f} {s.median / floor.median:7.2f}")  # fmt: skip
+    print(f"{'256 queues: floor':34s} {ms(mq['floor'].median)} {ms(mq['floor'].p99)}")
+    print(f"{'256 queues: tapd':34s} {ms(mq['tapd'].median)} {ms(mq['tapd'].p99)} "
+          f"{'':8s} {mq['tapd'].median / mq['floor'].median:7.2f}")  # fmt: skip
+    for level, pair in scale.items():
+        extra = pair["tapd"].median - pair["floor"].median
+        print(f"{f'{level} leases: tapd - floor':34s} {ms(extra)} "
+              f"{'':9s} {'':8s} {pair['tapd'].median / pair['floor'].median:7.2f}")  # fmt: skip
+    print(f"throughput, {args.clients} clients, {args.total} taps: tapd {tput['tapd']:.0f}/s, "
+          f"helper {tput['helper']:.0f}/s ({tput['tapd'] / tput['helper']:.2f}x)")  # fmt: skip
+    print(f"at {footprint['leases']} leases: RSS {footprint['rss_bytes'] / 2**20:.1f} MiB, "
+          f"{footprint['open_fds']} open fds")  # fmt: skip
+    print(f"cold start to first reply (socket activation): median {ms(cold.median)} ms, "
+          f"max {ms(max(cold.values))} ms")  # fmt: skip
+
+    if args.json:
+        doc = {
+            "machine": {"node": platform.node(), "cores": os.cpu_count(),
+                        "kernel": platform.release(), "python": platform.python_version()},
+            "per_tap": {k: {"median": v.median, "p99": v.p99, "n": len(v.values)}
+                        for k, v in taps.items()},
+            "multiqueue_256": {k: {"median": v.median, "p99": v.p99} for k, v in mq.items()},
+            "scaling": {str(level): {k: v.median for k, v in pair.items()}
+                        for level, pair in scale.items()},
+            "throughput_per_s": tput,
+            "footprint": footprint,
+            "cold_start": {"median": cold.median, "max": max(cold.values)},
+        }  # fmt: skip
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
