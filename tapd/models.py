@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 #: <linux/if.h>: IFNAMSIZ is 16 including the terminating NUL.
 IFNAMSIZ = 16
@@ -30,6 +30,16 @@ class _Frozen(BaseModel):
 
 class TapOptions(_Frozen):
     """QAPI ``NetdevTapOptions``: every member optional, spelled as in QAPI."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nulls(cls, data: Any) -> Any:
+        # Absent means absent: QMP refuses null for a string, bool or number.
+        if isinstance(data, dict):
+            nulls = sorted(k for k, v in data.items() if v is None)
+            if nulls:
+                raise ValueError(f"{', '.join(nulls)}: null is not a value here; leave the key out")
+        return data
 
     ifname: str | None = None
     fd: str | None = None

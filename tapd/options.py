@@ -45,12 +45,16 @@ def _given(value: object) -> bool:
     return value is not None
 
 
+#: QEMU's own MAX_TAP_QUEUES: get_fds() stops counting there
+QEMU_MAX_TAP_QUEUES = 1024
+
+
 def qemu_fd_count(names: str) -> int:
     """How many fd names QEMU's get_fds() finds in ``names``: a trailing ':'
-    adds none, and an empty string is none."""
+    adds none, an empty string is none, and it stops at 1024."""
     if not names:
         return 0
-    return len(names.split(":")) - names.endswith(":")
+    return min(len(names.split(":")) - names.endswith(":"), QEMU_MAX_TAP_QUEUES)
 
 
 def check_qemu_rules(opts: TapOptions) -> None:
@@ -113,9 +117,16 @@ def check_qemu_rules(opts: TapOptions) -> None:
     else:
         if _given(opts.vhostfds):
             raise InvalidOptions("vhostfds= is invalid if fds= wasn't specified")
-    # net_init_tap_one(): vhost is on when vhost=on, or (vhost absent) when a
-    # vhostfd is given or vhostforce=on.
-    if opts.vhost is False and (_given(opts.vhostfd) or _given(opts.vhostfds)):
+    # net_init_tap_one(), run once per queue made: vhost is on when vhost=on,
+    # or (vhost absent) when a vhostfd is given or vhostforce=on.  With no
+    # queue to make (fds="" or queues=0) QEMU never gets there.
+    if opts.fds is not None:
+        makes_a_queue = qemu_fd_count(opts.fds) > 0
+    elif opts.fd is None and opts.helper is None:
+        makes_a_queue = opts.queues != 0
+    else:
+        makes_a_queue = True
+    if makes_a_queue and opts.vhost is False and (_given(opts.vhostfd) or _given(opts.vhostfds)):
         raise InvalidOptions("vhostfd(s)= is not valid without vhost")
 
 

@@ -142,7 +142,10 @@ def _validation_error(op: str, exc: ValidationError) -> ProtocolError:
             f"unknown key(s) {', '.join(repr(u) for u in unknown)} for op "
             f"{op!r}; valid keys are: {valid}"
         )
-    problems = "; ".join(f"{_field(e['loc'])}: {e['msg']}" for e in errors)
+    problems = "; ".join(
+        (f"{_field(e['loc'])}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
+        for e in errors
+    )
     return InvalidValue(f"invalid {op!r} request: {problems}")
 
 
