@@ -105,12 +105,14 @@ def loads_object(line: bytes) -> dict[str, Any]:
         raise MalformedJson(f"line is not valid JSON: {exc}") from None
     except RecursionError:
         raise MalformedJson("line nests JSON too deeply") from None
-    try:
-        # JSON may spell a lone surrogate ("\\ud800"), which is no character:
-        # refuse it here, before any of it becomes a name or a log line.
-        json.dumps(obj, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        raise MalformedJson("line holds a \\u escape that is not a character") from None
+    # JSON may spell a lone surrogate ("\\ud800"), which is no character:
+    # refuse it here, before any of it becomes a name or a log line.  Only a
+    # line with a \\u escape can hold one, so only such a line pays the check.
+    if "\\u" in text:
+        try:
+            json.dumps(obj, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise MalformedJson("line holds a \\u escape that is not a character") from None
     if not isinstance(obj, dict):
         raise NotAnObject(
             f'a request must be a JSON object, not {_json_type(obj)}; for example {{"op": "hello"}}'

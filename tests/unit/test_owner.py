@@ -1,0 +1,70 @@
+"""Owner processes named robustly against pid reuse."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from tapd import owner
+
+
+def test_start_time_and_parent_of_this_process() -> None:
+    pidfd = os.pidfd_open(os.getpid())
+    try:
+        start = owner.identify(pidfd, os.getpid())
+        assert start is not None and start == owner.starttime(os.getpid())
+        found = owner.parent(pidfd, os.getpid())
+        assert found is not None
+        ppid, ppidfd = found
+        os.close(ppidfd)
+        assert ppid == os.getppid()
+    finally:
+        os.close(pidfd)
+
+
+def test_a_process_with_spaces_and_parens_in_its_name() -> None:
+    # /proc/PID/stat's second field is the command in parentheses, and may
+    # itself hold ') ('; the fields after it must still be found.
+    child = (
+        "import sys\n"
+        "open('/proc/self/comm', 'w').write('a) (b c')\n"
+        "print(flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        with open(f"/proc/{proc.pid}/stat", "rb") as stat:
+            assert b"(a) (b c)" in stat.read()
+        start = owner.starttime(proc.pid)
+        assert start is not None
+        pidfd = owner.reopen(proc.pid, start)
+        assert pidfd is not None
+        os.close(pidfd)
+    finally:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.close()
+        proc.wait()
+        proc.stdout.close()
+
+
+def test_a_dead_owner_cannot_be_reopened_even_by_a_reused_pid() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    pid = proc.pid
+    pidfd = os.pidfd_open(pid)
+    start = owner.identify(pidfd, pid)
+    assert start is not None
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while not owner.exited(pidfd):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.close(pidfd)
+    assert owner.reopen(pid, start) is None
+    # a live process whose start time does not match is not the owner
+    assert owner.reopen(os.getpid(), start) is None
