@@ -162,10 +162,17 @@ def status(*, path: str | None = None) -> dict[str, Any]:
     return _simple({"op": "status"}, path)
 
 
-def bridge_helper(br: str | None, vnet_hdr: bool | None, *, path: str | None = None) -> TapGrant:
-    """A tap for the QEMU that is this process's parent (QEMU's helper protocol)."""
+def bridge_helper(
+    br: str | None, vnet_hdr: bool | None, vmm_socket: int | None = None, *, path: str | None = None
+) -> TapGrant:
+    """A tap for the QEMU that ran this helper (QEMU's helper protocol).
+    ``vmm_socket`` is the socket QEMU passed as --fd: it names QEMU to tapd."""
     body: dict[str, Any] = {"op": "bridge-helper", "br": br, "vnet_hdr": vnet_hdr}
-    reply, fds = call({k: v for k, v in body.items() if v is not None}, path=path)
+    reply, fds = call(
+        {k: v for k, v in body.items() if v is not None},
+        path=path,
+        fds=[] if vmm_socket is None else [vmm_socket],
+    )
     if len(fds) != 1:
         close_all(fds)
         raise ClientError("bad-reply", f"tapd sent {len(fds)} fds for a helper request")

@@ -28,6 +28,13 @@ class TapdError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+        #: what the audit log should say with it (never sent to the client)
+        self.context: dict[str, Any] = {}
+
+    def about(self, **context: Any) -> TapdError:
+        """Add audit-log context (bridge, queues, the rule that decided)."""
+        self.context.update(context)
+        return self
 
     def to_wire(self) -> dict[str, Any]:
         return {"ok": False, "error": {"code": self.code, "message": self.message}}

@@ -77,7 +77,9 @@ class HelloRequest(_Frozen):
 class BridgeHelperRequest(_Frozen):
     """``{"op": "bridge-helper", "br": ..., "vnet_hdr": ...}``: what a process
     standing in for QEMU's bridge helper asks: a tap on ``br`` (QEMU's default
-    br0) whose lease belongs to the caller's parent, the QEMU that ran it."""
+    br0) whose lease belongs to the QEMU that ran it.  The helper sends QEMU's
+    socket (its --fd) with the request, and the process at the other end of
+    that socket owns the lease; without it, the caller's parent does."""
 
     op: Literal["bridge-helper"]
     br: str | None = None

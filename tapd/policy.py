@@ -84,7 +84,7 @@ class Policy:
                 raise Denied(
                     f"uid {peer.uid} may not use bridge {bridge!r}: refused by "
                     f"{rule.name} in tapd's configuration"
-                )
+                ).about(rule=rule.name)
         for rule, allow in self._allow:
             if not rule.matches(peer, bridge):
                 continue
@@ -92,12 +92,12 @@ class Policy:
                 raise Denied(
                     f"uid {peer.uid} may ask for at most {allow.max_queues} queues on "
                     f"bridge {bridge!r} ({rule.name}); ask for fewer"
-                )
+                ).about(rule=rule.name)
             if allow.max_taps is not None and held >= allow.max_taps:
                 raise QuotaExceeded(
                     f"uid {peer.uid} already holds {held} taps, the most {rule.name} "
                     f"allows (max_taps = {allow.max_taps}); release one first"
-                )
+                ).about(rule=rule.name)
             return Decision(
                 rule=rule.name,
                 max_queues=allow.max_queues,
@@ -107,4 +107,4 @@ class Policy:
         raise Denied(
             f"uid {peer.uid} is not allowed to use bridge {bridge!r}: no allow rule in "
             "tapd's configuration matches; ask the host's administrator"
-        )
+        ).about(rule="no-match")

@@ -227,10 +227,22 @@ class Server:
             wire: Any = grant.reply
         except ClientError as exc:
             outcome = "denied" if isinstance(exc, Denied) else "refused"
-            log.info(f"request.{outcome}", outcome=outcome, code=exc.code, message=exc.message)
+            log.info(
+                f"request.{outcome}",
+                outcome=outcome,
+                code=exc.code,
+                message=exc.message,
+                **exc.context,
+            )
             wire = to_wire(exc)
         except TapdError as exc:
-            log.warning("request.failed", outcome="failed", code=exc.code, message=exc.message)
+            log.warning(
+                "request.failed",
+                outcome="failed",
+                code=exc.code,
+                message=exc.message,
+                **exc.context,
+            )
             wire = to_wire(exc)
         except Exception as exc:
             log.exception("request.failed", outcome="failed", code="internal-error")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
+import struct
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ from pydantic import BaseModel
 
 from . import PROTOCOL_VERSION, __version__, owner, programs
 from .config import Config
-from .errors import Denied, InvalidValue, LeaseNotFound
+from .errors import Denied, InvalidValue, LeaseNotFound, TapdError
 from .leases import Lease, new_id
 from .lifecycle import Lifecycle
 from .models import (
@@ -83,6 +85,9 @@ class Grant:
         self.sent()
 
 
+_UCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
+
+
 class _Owner:
     """The process a lease belongs to: a pidfd (ours until :meth:`take`), its
     pid, and its start time, which with the pid names it across restarts."""
@@ -101,6 +106,29 @@ class _Owner:
         if peer.pidfd < 0:
             raise Denied("the requesting process exited before its tap was made")
         return cls(peer.pid, os.dup(peer.pidfd))
+
+    @classmethod
+    def from_socket(cls, fd: int, peer: Peer) -> _Owner:
+        """The process at the other end of socket ``fd``: for the socket QEMU
+        made with socketpair() and passed to its bridge helper, QEMU itself,
+        however many shells stand between (QEMU runs a helper string through
+        sh -c, and dash forks rather than execs).  It must be the peer's own."""
+        try:
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                pid, uid, _ = _UCRED.unpack(
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+                )
+                pidfd = owner.peer_pidfd(sock, pid)
+        except OSError:
+            raise Denied("the fd sent with bridge-helper is not QEMU's helper socket") from None
+        if pidfd is None:
+            raise Denied("the VMM behind the helper socket is gone")
+        if uid != peer.uid and peer.uid != 0:
+            os.close(pidfd)
+            raise Denied(
+                f"the helper socket belongs to a process of uid {uid}, not to uid {peer.uid}"
+            )
+        return cls(pid, pidfd)
 
     @classmethod
     def parent_of(cls, peer: Peer) -> _Owner:
@@ -175,12 +203,12 @@ class Service:
         if isinstance(request, BridgeHelperRequest):
             # QEMU's bridge helper protocol: a tap on br (default br0), no other
             # options; the lease belongs to the QEMU that ran the helper.
-            what = plan(
-                TapRequest(
-                    op="request", br=request.br or DEFAULT_HELPER_BRIDGE, vnet_hdr=request.vnet_hdr
-                )
-            )
-            return await self._request(peer, what, fds_in, log, _Owner.parent_of(peer))
+            options: dict[str, Any] = {"op": "request", "br": request.br or DEFAULT_HELPER_BRIDGE}
+            if request.vnet_hdr is not None:
+                options["vnet_hdr"] = request.vnet_hdr
+            what = plan(TapRequest.model_validate(options))
+            vmm = _Owner.from_socket(fds_in[0], peer) if fds_in else _Owner.parent_of(peer)
+            return await self._request(peer, what, [], log, vmm)
         if request.op == "hello":
             return Grant(
                 HelloReply(
@@ -217,7 +245,12 @@ class Service:
         self, peer: Peer, what: Plan, fds_in: list[int], log: Any, owner_: _Owner
     ) -> Grant:
         with owner_:
-            return await self._granted(peer, what, fds_in, log, owner_)
+            try:
+                return await self._granted(peer, what, fds_in, log, owner_)
+            except TapdError as exc:
+                queues = what.queues if isinstance(what, CreatePlan) else None
+                exc.context = {"bridge": what.bridge, "queues": queues, **exc.context}
+                raise
 
     async def _granted(
         self, peer: Peer, what: Plan, fds_in: list[int], log: Any, owner_: _Owner

@@ -261,7 +261,7 @@ def _helper(args: argparse.Namespace) -> int:
     """QEMU's side of net_bridge_run_helper(): one byte with the fd, exit 0."""
     # As qemu-bridge-helper: --use-vnet means IFF_VNET_HDR if the kernel has it.
     vnet_hdr = None if args.use_vnet else False
-    grant = client.bridge_helper(args.br, vnet_hdr, path=args.socket)
+    grant = client.bridge_helper(args.br, vnet_hdr, args.fd, path=args.socket)
     try:
         with socket.socket(fileno=args.fd) as sock:
             fdpass.send_line_sync(sock, b"\0", grant.tap_fds)
