@@ -47,9 +47,7 @@ def _user(name: str) -> str:
         try:
             pwd.getpwnam(name)
         except KeyError:
-            raise ValueError(
-                f"no user {name!r} on this host; use a login name or a numeric uid"
-            ) from None
+            raise ValueError(f"no user {name!r} on this host; {_ID_ADVICE % 'uid'}") from None
     return name
 
 
@@ -58,10 +56,11 @@ def _group(name: str) -> str:
         try:
             grp.getgrnam(name)
         except KeyError:
-            raise ValueError(
-                f"no group {name!r} on this host; use a group name or a numeric gid"
-            ) from None
+            raise ValueError(f"no group {name!r} on this host; {_ID_ADVICE % 'gid'}") from None
     return name
+
+
+_ID_ADVICE = "use a name from this host or a numeric %s"
 
 
 def _bridge_pattern(name: str) -> str:

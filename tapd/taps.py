@@ -23,7 +23,7 @@ from .errors import (
     Unsupported,
     VhostUnavailable,
 )
-from .netlink import Netlink
+from .netlink import Bridge, Netlink
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,20 @@ def random_mac() -> str:
     return "fe:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
 
 
+def _made(name: str, fds: list[int], vnet_hdr: bool, bridge: Bridge) -> MadeTap:
+    return MadeTap(
+        ifname=name,
+        ifindex=0,
+        bridge=bridge.name,
+        fds=fds,
+        vnet_hdr=vnet_hdr,
+        vnet_hdr_len=tun.VIRTIO_NET_HDR_LEN if vnet_hdr else 0,
+        mac=random_mac(),
+        mtu=bridge.mtu,
+        sndbuf=0,
+    )
+
+
 #: how often to draw a new name when a generated one is already taken
 _NAME_ATTEMPTS = 16
 
@@ -154,22 +168,9 @@ class KernelTaps:
         bridge = self.netlink.bridge(spec.bridge)
         vnet_hdr = self._vnet_hdr(spec.vnet_hdr)
         name, fds = self._create(spec, vnet_hdr)
-        made = MadeTap(
-            ifname=name,
-            ifindex=0,
-            bridge=bridge.name,
-            fds=fds,
-            vnet_hdr=vnet_hdr,
-            vnet_hdr_len=tun.VIRTIO_NET_HDR_LEN if vnet_hdr else 0,
-            mac=random_mac(),
-            mtu=bridge.mtu,
-            sndbuf=0,
-        )
+        made = _made(name, fds, vnet_hdr, bridge)
         try:
-            self._prepare(made, spec.sndbuf, spec.owner_uid, spec.owner_gid)
-            self._open_vhost(made, spec.vhost)
-            made.ifindex = tun.ifindex(name)
-            self.netlink.join_bridge(made.ifindex, name, bridge, made.mac, spec.alias)
+            self._attach(made, bridge, spec)
         except BaseException:
             # Closing the last fd of a non-persistent tap removes the device.
             made.close()
@@ -208,26 +209,20 @@ class KernelTaps:
             )
         (name,) = names
         bridge = self.netlink.bridge(spec.bridge)
-        made = MadeTap(
-            ifname=name,
-            ifindex=0,
-            bridge=bridge.name,
-            fds=list(spec.fds),
-            vnet_hdr=infos[0].vnet_hdr,
-            vnet_hdr_len=tun.VIRTIO_NET_HDR_LEN if infos[0].vnet_hdr else 0,
-            mac=random_mac(),
-            mtu=bridge.mtu,
-            sndbuf=0,
-        )
+        made = _made(name, list(spec.fds), infos[0].vnet_hdr, bridge)
         try:
-            self._prepare(made, spec.sndbuf, spec.owner_uid, spec.owner_gid)
-            self._open_vhost(made, spec.vhost)
-            made.ifindex = tun.ifindex(name)
-            self.netlink.join_bridge(made.ifindex, name, bridge, made.mac, spec.alias)
+            self._attach(made, bridge, spec)
         except BaseException:
-            tun.close_all(made.vhost_fds)
+            tun.close_all(made.vhost_fds)  # the tap fds stay the caller's
             raise
         return made
+
+    def _attach(self, made: MadeTap, bridge: Bridge, spec: TapSpec | AdoptSpec) -> None:
+        """Prepare the queues, open vhost fds, then tag, attach and bring up."""
+        self._prepare(made, spec.sndbuf, spec.owner_uid, spec.owner_gid)
+        self._open_vhost(made, spec.vhost)
+        made.ifindex = tun.ifindex(made.ifname)
+        self.netlink.join_bridge(made.ifindex, made.ifname, bridge, made.mac, spec.alias)
 
     def _prepare(
         self, made: MadeTap, sndbuf: int | None, owner_uid: int | None, owner_gid: int | None
