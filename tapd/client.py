@@ -67,7 +67,12 @@ def call(
         lines = protocol.LineBuffer(limit=1 << 20)
         line = None
         while line is None:
-            chunk = fdpass.recv_sync(sock)
+            try:
+                chunk = fdpass.recv_sync(sock)
+            except ConnectionResetError:
+                raise ClientError(
+                    "disconnected", "tapd closed the connection without a reply"
+                ) from None
             received.extend(chunk.fds)
             if chunk.truncated:
                 raise ClientError("too-many-fds", "the reply's fds did not fit; none were kept")

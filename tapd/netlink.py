@@ -258,15 +258,38 @@ async def link_events(
             except OSError as exc:
                 if exc.errno != errno.ENOBUFS:
                     raise
+                # The kernel says ENOBUFS once per overrun, and only clears its
+                # congestion mark when the queue runs empty: drain it first, so
+                # that what the resync's dump misses still arrives as events.
+                _drain(raw, on_event)
                 on_event(None)
                 continue
-            offset = 0
-            while offset + _NLMSGHDR.size + 8 <= len(data):
-                length, kind, _, _, _ = _NLMSGHDR.unpack_from(data, offset)
-                if kind == RTM_DELLINK:
-                    (index,) = _IFINDEX.unpack_from(data, offset + _NLMSGHDR.size + 4)
-                    on_event(index)
-                offset += (max(length, _NLMSGHDR.size) + 3) & ~3
+            _report(data, on_event)
+
+
+def _report(data: bytes, on_event: Callable[[int | None], None]) -> None:
+    offset = 0
+    while offset + _NLMSGHDR.size + 8 <= len(data):
+        length, kind, _, _, _ = _NLMSGHDR.unpack_from(data, offset)
+        if kind == RTM_DELLINK:
+            (index,) = _IFINDEX.unpack_from(data, offset + _NLMSGHDR.size + 4)
+            on_event(index)
+        offset += (max(length, _NLMSGHDR.size) + 3) & ~3
+
+
+def _drain(raw: socket.socket, on_event: Callable[[int | None], None]) -> None:
+    """Read every queued event without waiting (each is still reported); the
+    socket is non-blocking, as trio set it."""
+    while True:
+        try:
+            data = raw.recv(1 << 16)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:
+                continue
+            raise
+        _report(data, on_event)
 
 
 #: <asm-generic/socket.h>

@@ -10,6 +10,7 @@ and fds (through :mod:`tapd.fdpass`) and maps exceptions to replies (through
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import itertools
 import os
@@ -50,19 +51,42 @@ _UCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # <asm-generic/socket.h>
 
 
+def _peer_groups(sock: trio.socket.SocketType) -> tuple[int, ...]:
+    """SO_PEERGROUPS: every supplementary group of the peer.
+
+    Python's getsockopt() takes at most 1024 bytes (256 groups); a peer in
+    more makes the kernel answer ERANGE, and then libc's getsockopt() is
+    asked with room for NGROUPS_MAX (65536).  Judging such a peer without
+    its groups could slip past a [[deny]] rule that names one of them.
+    """
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
+    except OSError as exc:
+        if exc.errno != errno.ERANGE:
+            raise
+        buf = ctypes.create_string_buffer(_NGROUPS_MAX * 4)
+        size = ctypes.c_uint32(len(buf))
+        if _libc.getsockopt(
+            sock.fileno(), socket.SOL_SOCKET, SO_PEERGROUPS, buf, ctypes.byref(size)
+        ):
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err)) from None
+        raw = buf.raw[: size.value]
+    return tuple(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+
+
+#: <linux/limits.h>: NGROUPS_MAX
+_NGROUPS_MAX = 65536
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
 def peer_of(sock: trio.socket.SocketType) -> Peer:
     """The peer's credentials, as the kernel recorded them at connect time,
-    and a pidfd for its process (the caller closes it).
-
-    A peer with more supplementary groups than fit 1024 bytes (256) makes
-    SO_PEERGROUPS fail with ERANGE: such a peer is refused rather than judged
-    without groups a [[deny]] rule might name.
-    """
+    and a pidfd for its process (the caller closes it)."""
     pid, uid, gid = _UCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     )
-    raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
-    groups = struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
+    groups = _peer_groups(sock)
     pidfd = owner.peer_pidfd(sock, pid)
     return Peer(
         uid=uid, gid=gid, pid=pid, groups=tuple(groups), pidfd=-1 if pidfd is None else pidfd
@@ -134,6 +158,8 @@ class Server:
             await self._serve_connection(sock, conn, peer, log)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.info("connection.lost", error=str(exc))
+        except RequestTimeout as exc:
+            log.info("connection.timeout", message=exc.message)
         finally:
             service.connections -= 1
 
@@ -147,9 +173,19 @@ class Server:
             self.idle.set()
 
     async def _reply_quietly(self, sock: trio.socket.SocketType, error: TapdError) -> None:
-        """A last error reply before closing; the peer may already be gone."""
-        with contextlib.suppress(OSError):
+        """A last error reply before closing; the peer may already be gone, or
+        not reading (then it gets request_timeout to take it)."""
+        with contextlib.suppress(OSError), trio.move_on_after(self.config.server.request_timeout):
             await fdpass.send_line(sock, protocol.encode(error.to_wire()), [])
+
+    async def _send(self, sock: trio.socket.SocketType, line: bytes, fds: list[int]) -> None:
+        """Send a reply, within request_timeout: a client that sends requests
+        but never reads its replies must not hold a connection forever."""
+        timeout = self.config.server.request_timeout
+        with trio.move_on_after(timeout):
+            await fdpass.send_line(sock, line, fds)
+            return
+        raise RequestTimeout(f"the client did not take its reply within {timeout:g} s")
 
     async def _serve_connection(
         self, sock: trio.socket.SocketType, conn: int, peer: Peer, log: Any
@@ -248,10 +284,10 @@ class Server:
             log.exception("request.failed", outcome="failed", code="internal-error")
             wire = to_wire(exc)
         if grant is None:
-            await fdpass.send_line(sock, protocol.encode(wire), [])
+            await self._send(sock, protocol.encode(wire), [])
             return
         try:
-            await fdpass.send_line(sock, protocol.encode(wire), grant.fds)
+            await self._send(sock, protocol.encode(wire), grant.fds)
         except BaseException:
             log.warning("request.undelivered", ifname=getattr(grant.reply, "ifname", None))
             with trio.CancelScope(shield=True):
