@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import resource
 import signal
 import sys
 
@@ -141,8 +142,18 @@ def _reload(service: Service, path: str | None, notifier: Notifier) -> None:
     notifier.notify("READY=1")
 
 
+def _raise_fd_limit() -> None:
+    """Every live lease holds a pidfd for its owner, and each connection a
+    socket and a pidfd: 1000 VMs need more than the usual soft limit of
+    1024 open files.  Take the hard limit (systemd's default: 524288)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _raise_fd_limit()
     # The kernel worker thread wakes from each syscall needing the GIL back;
     # with the default 5 ms switch interval a busy loop thread could make it
     # wait that long.  1 ms bounds that wait without much switching overhead.

@@ -12,11 +12,23 @@ import contextlib
 import os
 import select
 import socket
+import struct
 from typing import Any
 
 #: <asm-generic/socket.h>: SO_PEERPIDFD (Linux 6.5): a pidfd for the peer
 #: process as of connect(), with no window for pid reuse.
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+
+
+_UCRED = struct.Struct("iII")  # <sys/socket.h> struct ucred: pid_t pid; uid_t uid; gid_t gid
+
+
+def peer_cred(sock: Any) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a UNIX socket, as
+    the kernel recorded them when it connected (or made the socketpair)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid
 
 
 def peer_pidfd(sock: Any, pid: int) -> int | None:
@@ -35,9 +47,11 @@ def peer_pidfd(sock: Any, pid: int) -> int | None:
 
 
 def exited(pidfd: int) -> bool:
-    """A pidfd polls readable once its process has exited."""
-    readable, _, _ = select.select([pidfd], [], [], 0)
-    return bool(readable)
+    """A pidfd polls readable once its process has exited.  (poll, not
+    select: with a pidfd per lease, fd numbers pass select's 1024.)"""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _stat_field(pid: int, field: int) -> int | None:

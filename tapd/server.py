@@ -47,7 +47,6 @@ ACCEPT_OVERLOAD = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENO
 #: many vhost fds.  More is refused before it can fill tapd's fd table.
 MAX_FDS_PER_REQUEST = 2 * MAX_TAP_QUEUES
 
-_UCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # <asm-generic/socket.h>
 
 
@@ -83,9 +82,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def peer_of(sock: trio.socket.SocketType) -> Peer:
     """The peer's credentials, as the kernel recorded them at connect time,
     and a pidfd for its process (the caller closes it)."""
-    pid, uid, gid = _UCRED.unpack(
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    )
+    pid, uid, gid = owner.peer_cred(sock)
     groups = _peer_groups(sock)
     pidfd = owner.peer_pidfd(sock, pid)
     return Peer(

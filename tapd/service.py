@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-import struct
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -85,9 +84,6 @@ class Grant:
         self.sent()
 
 
-_UCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
-
-
 class _Owner:
     """The process a lease belongs to: a pidfd (ours until :meth:`take`), its
     pid, and its start time, which with the pid names it across restarts."""
@@ -115,9 +111,7 @@ class _Owner:
         sh -c, and dash forks rather than execs).  It must be the peer's own."""
         try:
             with socket.socket(fileno=os.dup(fd)) as sock:
-                pid, uid, _ = _UCRED.unpack(
-                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-                )
+                pid, uid, _ = owner.peer_cred(sock)
                 pidfd = owner.peer_pidfd(sock, pid)
         except OSError:
             raise Denied("the fd sent with bridge-helper is not QEMU's helper socket") from None

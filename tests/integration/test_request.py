@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 import subprocess
 import threading
 
 import pytest
-from tapdtest import Daemon, links, open_fds, taps, wait_until
+from tapdtest import Daemon, ip, links, open_fds, taps, wait_until
 
 from tapd import client, fdpass, protocol, tun
 
@@ -250,3 +251,26 @@ def test_fds_beyond_one_message_arrive_in_order(daemon: Daemon) -> None:
     finally:
         grant.close()
     assert open_fds() == before
+
+
+def test_more_leases_than_select_or_the_default_fd_limit_allow(daemon: Daemon) -> None:
+    # Each lease holds a pidfd for its owner: past ~1000 leases tapd's fd
+    # numbers pass select()'s 1024 and the usual soft RLIMIT_NOFILE.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), hard))
+    ip("-n", daemon.ns, "link", "add", "br1", "type", "bridge")
+    grants: list[client.TapGrant] = []
+    try:
+        for i in range(1100):
+            grants.append(daemon.request(br="br0" if i % 2 else "br1"))
+        assert len(daemon.leases()) == 1100
+        assert client.status(path=daemon.socket_path)["leases"] == 1100
+        assert daemon.call({"op": "hello"})[0]["ok"] is True
+    finally:
+        # Tear the namespace down first: the kernel then removes every tap in
+        # one batch, where closing 1100 fds one by one costs 30 ms each.
+        daemon.stop()
+        ip("netns", "delete", daemon.ns, check=False)
+        for g in grants:
+            g.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
