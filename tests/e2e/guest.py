@@ -51,8 +51,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +62,6 @@ __all__ = [
     "GuestImage",
     "GuestRun",
     "build_guest",
-    "netns",
     "parse_guest_output",
     "qemu_argv",
     "run_qemu",
@@ -512,23 +510,3 @@ def run_qemu(
             proc.kill()
             proc.wait()
     return GuestRun(returncode, out.decode(errors="replace"), time.monotonic() - start)
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, stdout=subprocess.DEVNULL)
-
-
-@contextmanager
-def netns(prefix: str = "tapd-guest-") -> Iterator[str]:
-    """Create a uniquely named network namespace, deleted on exit.
-
-    Deleting the namespace also destroys every interface created in it
-    (bridges, persistent taps), so callers need no further cleanup.
-    """
-    name = prefix + os.urandom(4).hex()
-    _ip("netns", "add", name)
-    try:
-        _ip("-n", name, "link", "set", "lo", "up")
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)

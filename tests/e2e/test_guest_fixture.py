@@ -14,11 +14,11 @@ from collections.abc import Iterator
 import pytest
 from guest import (
     GuestImage,
-    netns,
     parse_guest_output,
     qemu_argv,
     run_qemu,
 )
+from tapdtest import netns
 
 BRIDGE_ADDR = "10.77.0.1"
 GUEST_ADDR = "10.77.0.2/24"

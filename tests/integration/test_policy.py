@@ -224,21 +224,22 @@ def tap_info_data(ns: str, ifname: str) -> dict[str, Any]:
     return data
 
 
-def names_uid(value: object, uid: int) -> bool:
-    """iproute2 prints a tap's owner by name when the uid has one, else the number."""
+def _names(value: object, number: int, lookup: Any) -> bool:
+    """iproute2 prints a tap's owner and group by name when there is one, else
+    the number."""
     try:
-        name = pwd.getpwuid(uid).pw_name
+        name = lookup(number)[0]
     except KeyError:
         name = None
-    return str(value) == str(uid) or (name is not None and value == name)
+    return str(value) == str(number) or (name is not None and value == name)
+
+
+def names_uid(value: object, uid: int) -> bool:
+    return _names(value, uid, pwd.getpwuid)
 
 
 def names_gid(value: object, gid: int) -> bool:
-    try:
-        name = grp.getgrgid(gid).gr_name
-    except KeyError:
-        name = None
-    return str(value) == str(gid) or (name is not None and value == name)
+    return _names(value, gid, grp.getgrgid)
 
 
 def lease_ended(daemon: Daemon, ifname: str) -> None:
