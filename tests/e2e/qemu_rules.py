@@ -69,10 +69,13 @@ RULE_MESSAGES: frozenset[str] = frozenset(
 )
 
 #: Failures QEMU may report *after* its rules with the resources this module
-#: provides: vhost cannot start on a /dev/null fd, nor without /dev/vhost-net.
+#: provides: vhost cannot start on a /dev/null fd, nor without /dev/vhost-net;
+#: and tap_open() itself can fail when workers sharing the namespace race for
+#: a "tap%d" name that another worker's queue is attaching to (EINVAL).
 LATER_ERRORS: tuple[re.Pattern[str], ...] = (
     re.compile(r"vhost-net requested but could not be initialized"),
     re.compile(r"tap: open vhost char device failed(: .*)?"),
+    re.compile(r"could not configure /dev/net/tun \(tap\d+\): Invalid argument"),
 )
 
 #: QEMU 7.2's net_client_init1() asserts that net_init_tap() left a netdev
