@@ -81,6 +81,8 @@ class ServerConfig(_Section):
     #: group owning the socket file (name or numeric id); None keeps root's
     socket_group: Group | None = None
     max_connections: Annotated[int, Field(ge=1, le=65536)] = 1024
+    #: connections one uid may hold open at once, so no uid can take them all
+    max_connections_per_uid: Annotated[int, Field(ge=1, le=65536)] = 512
     #: seconds a connection may sit without sending a complete request
     request_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
 

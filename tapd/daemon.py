@@ -86,7 +86,7 @@ async def run(config: Config, listener: Listener, config_path: str | None = None
 
                 async def accept() -> None:
                     with accepting:
-                        await server.serve(sock)
+                        await server.serve(sock, nursery)
 
                 nursery.start_soon(accept)
                 if notifier.watchdog_interval:

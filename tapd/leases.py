@@ -37,6 +37,9 @@ class Lease:
     starttime: int
     created: int  # seconds since the epoch
     downscript: str | None = None
+    #: the client made the tap (fd=/fds=): when its owner goes, tapd forgets
+    #: the lease but leaves the tap to whoever made it
+    adopted: bool = False
 
     def tag(self) -> str:
         """The interface alias that lets a restarted tapd find this lease."""
@@ -53,6 +56,8 @@ class Lease:
         ]
         if self.downscript:
             fields.append(f"down={self.downscript}")
+        if self.adopted:
+            fields.append("adopted=1")
         tag = " ".join(fields)
         assert len(tag.encode()) < IFALIASZ
         return tag
@@ -81,6 +86,7 @@ def parse_tag(ifindex: int, ifname: str, alias: str | None) -> Lease | None:
             starttime=int(fields["start"]),
             created=int(fields["created"]),
             downscript=fields.get("down") or None,
+            adopted=fields.get("adopted") == "1",
         )
     except (KeyError, ValueError):
         return None
@@ -113,6 +119,9 @@ class Registry:
 
     def get(self, ifindex: int) -> Lease | None:
         return self._by_index.get(ifindex)
+
+    def indexes(self) -> frozenset[int]:
+        return frozenset(self._by_index)
 
     def held_by(self, uid: int) -> int:
         """Live leases of ``uid``: counted as they come and go, so a request

@@ -18,6 +18,7 @@ import trio
 from . import log as logging
 from . import owner, programs
 from .config import Config
+from .errors import Denied
 from .leases import Lease, Registry, parse_tag
 from .netlink import Netlink, link_events
 from .worker import KernelWorker
@@ -52,7 +53,11 @@ class Lifecycle:
             self._ended(lease, "tap-removed")
 
     async def _resync(self) -> None:
-        present = await self.worker.run(self.netlink.present)
+        try:
+            present = await self.worker.run(self.netlink.present)
+        except Exception:
+            self.log.exception("lease.resync.failed")
+            return
         for lease in self.registry.visible_to(0):
             if lease.ifindex not in present and self.registry.pop(lease.ifindex):
                 self._ended(lease, "tap-removed")
@@ -89,21 +94,33 @@ class Lifecycle:
     # -- grants ----------------------------------------------------------------
 
     def begin(self, lease: Lease, pidfd: int) -> None:
-        """Start tracking ``lease``; takes ownership of ``pidfd``."""
+        """Start tracking ``lease``; takes ownership of ``pidfd``.  An
+        interface has at most one lease: a second is refused."""
+        if self.registry.get(lease.ifindex) is not None:
+            os.close(pidfd)
+            raise Denied(f"tap {lease.ifname!r} already has a lease")
         self.registry.add(lease)
         scope = trio.CancelScope()
         self._watches[lease.ifindex] = scope
         # No log event here: request.granted (or lease.restored) names the lease.
         self._spawn(self._watch, lease, pidfd, scope)
 
-    def drop(self, lease: Lease) -> None:
-        """Forget a lease whose grant was never delivered (its tap goes with
-        the fds tapd still holds)."""
-        if self.registry.get(lease.ifindex) is lease:
-            self.registry.pop(lease.ifindex)
+    async def undo(self, lease: Lease) -> None:
+        """A grant was never delivered: forget its lease and remove the tap
+        tapd made for it.  Closing tapd's own fds is not enough: a client
+        that received part of a split reply holds queues, and could make them
+        persistent."""
+        if self.registry.get(lease.ifindex) is not lease:
+            return
+        self.registry.pop(lease.ifindex)
         scope = self._watches.pop(lease.ifindex, None)
         if scope is not None:
             scope.cancel()
+        if not lease.adopted:
+            try:
+                await self.worker.run(self.netlink.delete, lease.ifindex)
+            except Exception:
+                self.log.exception("lease.remove.failed", lease=lease.id)
 
     async def _watch(self, lease: Lease, pidfd: int, scope: trio.CancelScope) -> None:
         try:
@@ -114,10 +131,24 @@ class Lifecycle:
                 self.log.info(
                     "lease.owner.exited", lease=lease.id, ifname=lease.ifname, pid=lease.pid
                 )
+                if lease.adopted:
+                    # The client made this tap: tapd forgets its lease, and
+                    # leaves the tap to the fds that keep it.
+                    self.registry.pop(lease.ifindex)
+                    self._ended(lease, "owner-exited")
+                    return
                 # Usually the owner's exit closed the fds and the tap is already
                 # going; a persistent tap is removed here.  Either way the
-                # RTM_DELLINK that follows ends the lease.
-                await self.worker.run(self.netlink.delete, lease.ifindex)
+                # RTM_DELLINK that follows ends the lease - unless the event
+                # was lost and the tap is already gone: then end it here.
+                try:
+                    removed = await self.worker.run(self.netlink.delete, lease.ifindex)
+                except Exception:
+                    self.log.exception("lease.remove.failed", lease=lease.id)
+                    return
+                if not removed and self.registry.get(lease.ifindex) is lease:
+                    self.registry.pop(lease.ifindex)
+                    self._ended(lease, "tap-removed")
         finally:
             trio.lowlevel.notify_closing(pidfd)
             os.close(pidfd)

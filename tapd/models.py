@@ -161,6 +161,7 @@ class LeaseInfo(_Frozen):
     pid: int
     created: int
     downscript: str | None = None
+    adopted: bool = False
 
 
 class ListReply(_Frozen):

@@ -185,6 +185,16 @@ class Netlink:
             raise kernel_error(_oserror(exc), f"removing interface {index}") from None
         return True
 
+    def tap_owner(self, index: int) -> int | None:
+        """The uid a tap belongs to (TUNSETOWNER), or None if it has none."""
+        try:
+            (msg,) = self._ip.link("get", index=index)
+        except NetlinkError as exc:
+            raise kernel_error(_oserror(exc), f"looking up interface {index}") from None
+        data = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
+        owner = data.get("IFLA_TUN_OWNER") if data else None
+        return None if owner is None else int(owner)
+
     def tagged_taps(self) -> list[tuple[int, str, str]]:
         """(index, name, alias) of every tun/tap device that has an alias."""
         found = []

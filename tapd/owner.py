@@ -8,7 +8,7 @@ restarted tapd can tell the same process from a new one with the same pid.
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import os
 import select
 import socket
@@ -34,12 +34,14 @@ def peer_cred(sock: Any) -> tuple[int, int, int]:
 def peer_pidfd(sock: Any, pid: int) -> int | None:
     """A pidfd for the process at the other end of ``sock``, or None if it is
     already gone."""
-    with contextlib.suppress(OSError):
+    try:
         fd = int(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
-        if fd >= 0:
-            os.set_inheritable(fd, False)
-            return fd
-    # Older kernels: the pid as SO_PEERCRED reported it, checked below.
+        os.set_inheritable(fd, False)
+        return fd
+    except OSError as exc:
+        if exc.errno != errno.ENOPROTOOPT:
+            return None  # the peer is gone: its pid may already be another's
+    # Kernels before 6.5: the pid SO_PEERCRED reported (the caller checks it).
     try:
         return os.pidfd_open(pid)
     except OSError:
@@ -59,8 +61,8 @@ def _stat_field(pid: int, field: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-    except OSError:
-        return None
+    except (FileNotFoundError, ProcessLookupError):
+        return None  # gone; any other failure (EMFILE...) is not "exited"
     # The command name (field 2) may hold spaces and parentheses: split after
     # its last ')'.  What follows starts at field 3.
     rest = stat[stat.rindex(b")") + 2 :].split()

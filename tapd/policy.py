@@ -72,8 +72,13 @@ class Decision:
 class Policy:
     def __init__(self, config: Config) -> None:
         self._deny = [_compile(f"deny[{i}]", r) for i, r in enumerate(config.deny)]
-        self._allow: list[tuple[_Rule, AllowRule]] = [
-            (_compile(f"allow[{i}]", r), r) for i, r in enumerate(config.allow)
+        self._allow: list[tuple[_Rule, AllowRule, int | None]] = [
+            (
+                _compile(f"allow[{i}]", r),
+                r,
+                gid_of(r.tap_group) if r.tap_group is not None else None,
+            )
+            for i, r in enumerate(config.allow)
         ]
 
     def check(self, peer: Peer, bridge: str, queues: int = 1, held: int = 0) -> Decision:
@@ -85,7 +90,7 @@ class Policy:
                     f"uid {peer.uid} may not use bridge {bridge!r}: refused by "
                     f"{rule.name} in tapd's configuration"
                 ).about(rule=rule.name)
-        for rule, allow in self._allow:
+        for rule, allow, tap_gid in self._allow:
             if not rule.matches(peer, bridge):
                 continue
             if allow.max_queues is not None and queues > allow.max_queues:
@@ -102,7 +107,7 @@ class Policy:
                 rule=rule.name,
                 max_queues=allow.max_queues,
                 max_taps=allow.max_taps,
-                tap_gid=gid_of(allow.tap_group) if allow.tap_group is not None else None,
+                tap_gid=tap_gid,
             )
         raise Denied(
             f"uid {peer.uid} is not allowed to use bridge {bridge!r}: no allow rule in "

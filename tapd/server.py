@@ -14,8 +14,10 @@ import ctypes
 import errno
 import itertools
 import os
+import resource
 import socket
 import struct
+from collections import Counter
 from typing import Any
 
 import trio
@@ -97,6 +99,15 @@ class Server:
         self.log = logging.get()
         #: requests being carried out right now (a clean stop waits for them)
         self.busy = 0
+        #: open connections per uid: one uid cannot take every slot
+        self._per_uid: Counter[int] = Counter()
+        #: fds received and not yet closed, over every connection, and the most
+        #: tapd will hold that way: a quarter of its open-file limit, so that
+        #: clients parking fds cannot starve the taps and pidfds of the rest
+        self.held_fds = 0
+        self.fd_budget = max(
+            MAX_FDS_PER_REQUEST, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4
+        )
         self.idle = trio.Event()
         self.idle.set()
 
@@ -107,24 +118,27 @@ class Server:
     async def serve(
         self,
         listener: trio.socket.SocketType,
+        connections: trio.Nursery,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        async with trio.open_nursery() as nursery:
-            task_status.started()
+        """Accept until cancelled.  Connections run in ``connections``, a
+        nursery of the caller's, so that stopping the accept loop leaves the
+        requests in flight to finish."""
+        task_status.started()
+        backoff = 0.01
+        while True:
+            try:
+                sock, _ = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_OVERLOAD:
+                    raise
+                self.log.warning("server.accept.overloaded", errno=exc.errno, retry_in=backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
             backoff = 0.01
-            while True:
-                try:
-                    sock, _ = await listener.accept()
-                except OSError as exc:
-                    if exc.errno not in ACCEPT_OVERLOAD:
-                        raise
-                    self.log.warning("server.accept.overloaded", errno=exc.errno, retry_in=backoff)
-                    await trio.sleep(backoff)
-                    backoff = min(backoff * 2, 1.0)
-                    continue
-                backoff = 0.01
-                nursery.start_soon(self._connection, sock)
+            connections.start_soon(self._connection, sock)
 
     async def _connection(self, sock: trio.socket.SocketType) -> None:
         conn = next(self._ids)
@@ -150,7 +164,19 @@ class Server:
                 Overloaded("tapd is serving its maximum number of connections; try again shortly"),
             )
             return
+        per_uid = self.config.server.max_connections_per_uid
+        if self._per_uid[peer.uid] >= per_uid:
+            log.warning("connection.overloaded", uid_connections=self._per_uid[peer.uid])
+            await self._reply_quietly(
+                sock,
+                Overloaded(
+                    f"uid {peer.uid} already has {per_uid} connections open to tapd; "
+                    "close some, or wait"
+                ),
+            )
+            return
         service.connections += 1
+        self._per_uid[peer.uid] += 1
         try:
             await self._serve_connection(sock, conn, peer, log)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -159,6 +185,9 @@ class Server:
             log.info("connection.timeout", message=exc.message)
         finally:
             service.connections -= 1
+            self._per_uid[peer.uid] -= 1
+            if not self._per_uid[peer.uid]:
+                del self._per_uid[peer.uid]
 
     def _enter(self) -> None:
         self.busy += 1
@@ -211,7 +240,12 @@ class Server:
                     )
                     return
                 pending += received.fds
-                if received.truncated or len(pending) > MAX_FDS_PER_REQUEST:
+                self.held_fds += len(received.fds)
+                if (
+                    received.truncated
+                    or len(pending) > MAX_FDS_PER_REQUEST
+                    or self.held_fds > self.fd_budget
+                ):
                     log.warning("request.refused", outcome="refused", code=TooManyFds.code)
                     await self._reply_quietly(
                         sock,
@@ -235,6 +269,7 @@ class Server:
                             )
                         finally:
                             close_all(fds)
+                            self.held_fds -= len(fds)
                             self._leave()
                         deadline = trio.current_time() + timeout
                 except LineTooLong as exc:
@@ -243,6 +278,7 @@ class Server:
                     return
         finally:
             close_all(pending)
+            self.held_fds -= len(pending)
 
     async def _one(
         self,

@@ -70,7 +70,7 @@ class Grant:
 
     async def abandon(self, log: Any) -> None:
         if self.lease is not None and self.lifecycle is not None:
-            self.lifecycle.drop(self.lease)
+            await self.lifecycle.undo(self.lease)
             if self.downscript_path and self.lease.downscript:
                 try:
                     await programs.run_hook(
@@ -109,12 +109,18 @@ class _Owner:
         made with socketpair() and passed to its bridge helper, QEMU itself,
         however many shells stand between (QEMU runs a helper string through
         sh -c, and dash forks rather than execs).  It must be the peer's own."""
+        refused = Denied("the fd sent with bridge-helper is not QEMU's helper socket")
         try:
-            with socket.socket(fileno=os.dup(fd)) as sock:
-                pid, uid, _ = owner.peer_cred(sock)
-                pidfd = owner.peer_pidfd(sock, pid)
+            sock = socket.socket(fileno=fd)  # borrowed: detached below, never closed here
         except OSError:
-            raise Denied("the fd sent with bridge-helper is not QEMU's helper socket") from None
+            raise refused from None
+        try:
+            pid, uid, _ = owner.peer_cred(sock)
+            pidfd = owner.peer_pidfd(sock, pid)
+        except OSError:
+            raise refused from None
+        finally:
+            sock.detach()
         if pidfd is None:
             raise Denied("the VMM behind the helper socket is gone")
         if uid != peer.uid and peer.uid != 0:
@@ -284,7 +290,13 @@ class Service:
         return VhostSpec(device=self.config.vhost.device, force=vhost.force)
 
     def _lease(
-        self, peer: Peer, bridge: str, queues: int, owner_: _Owner, downscript: str | None
+        self,
+        peer: Peer,
+        bridge: str,
+        queues: int,
+        owner_: _Owner,
+        downscript: str | None,
+        adopted: bool = False,
     ) -> Lease:
         """A lease with its tag, before the tap exists (the tag is set in the
         same netlink message that attaches the tap)."""
@@ -300,6 +312,7 @@ class Service:
             starttime=owner_.start,
             created=int(time.time()),
             downscript=downscript,
+            adopted=adopted,
         )
 
     def _grant(
@@ -315,7 +328,11 @@ class Service:
         lease = dataclasses.replace(lease, ifname=made.ifname, ifindex=made.ifindex)
         # Tracked before the reply goes out: the VM may close its fds (and the
         # kernel announce the tap's end) the moment it has them.
-        self.lifecycle.begin(lease, owner_.take())
+        try:
+            self.lifecycle.begin(lease, owner_.take())
+        except BaseException:
+            close_all(fds)  # the tap fds we made (an adopted tap's stay the client's)
+            raise
         log.info(
             "request.granted",
             outcome="granted",
@@ -379,13 +396,15 @@ class Service:
                 f"the request names {len(what.names)} tap fd(s) but {len(fds_in)} "
                 "arrived with it; send them in SCM_RIGHTS with the request line"
             )
-        lease = self._lease(peer, what.bridge, len(what.names), owner_, None)
+        lease = self._lease(peer, what.bridge, len(what.names), owner_, None, adopted=True)
         spec = AdoptSpec(
             bridge=what.bridge,
             fds=tuple(fds_in[: len(what.names)]),
             sndbuf=what.sndbuf,
             vhost=self._vhost(what.vhost),
             alias=lease.tag(),
+            require_owner=None if peer.uid == 0 else peer.uid,
+            leased=self.lifecycle.registry.indexes(),
         )
         made = await self.worker.run(self.maker.adopt, spec)
         # The client keeps its own tap fds; only vhost fds go back.
@@ -408,6 +427,7 @@ class Service:
                 owner_gid=decision.tap_gid,
                 vhost=self._vhost(what.vhost),
                 alias=lease.tag(),
+                leased=self.lifecycle.registry.indexes(),
             )
             made = await self.worker.run(self.maker.adopt, spec)
         except BaseException:

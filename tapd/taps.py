@@ -16,6 +16,7 @@ from typing import Protocol
 
 from . import tun
 from .errors import (
+    Denied,
     IfnameTaken,
     InvalidOptions,
     KernelError,
@@ -60,6 +61,10 @@ class AdoptSpec:
     owner_gid: int | None = None
     vhost: VhostSpec | None = None
     alias: str | None = None
+    #: refuse the tap unless its TUNSETOWNER owner is this uid (None: no check)
+    require_owner: int | None = None
+    #: interfaces that already have a lease: never adopted twice
+    leased: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -203,11 +208,25 @@ class KernelTaps:
             )
         if len({info.vnet_hdr for info in infos}) != 1:
             raise InvalidOptions("vnet_hdr not consistent across given tap fds")
-        if not tun.in_our_netns(spec.fds[0]):
+        if not all(tun.in_our_netns(fd) for fd in spec.fds):
             raise NotATap(
                 "the tap sent with the request lives in another network namespace than tapd's"
             )
         (name,) = names
+        index = tun.ifindex(name)
+        if index in spec.leased:
+            raise Denied(f"tap {name!r} already has a lease; it cannot be adopted again")
+        if spec.require_owner is not None:
+            # Anyone may TUNSETIFF-attach to a tap that has no owner and no
+            # group: holding an fd proves nothing.  Only a tap the kernel says
+            # is the requester's own may be moved, re-addressed and leased.
+            owner = self.netlink.tap_owner(index)
+            if owner != spec.require_owner:
+                raise Denied(
+                    f"tap {name!r} is not yours (its owner is "
+                    f"{'nobody' if owner is None else f'uid {owner}'}); set TUNSETOWNER "
+                    "on the taps you make before handing them to tapd"
+                )
         bridge = self.netlink.bridge(spec.bridge)
         made = _made(name, list(spec.fds), infos[0].vnet_hdr, bridge)
         try:
