@@ -168,6 +168,10 @@ class AdoptPlan:
     sndbuf: int | None
     vhost: Vhost
 
+    @property
+    def queues(self) -> int:
+        return len(self.names)
+
 
 @dataclass(frozen=True)
 class HelperPlan:
@@ -177,6 +181,7 @@ class HelperPlan:
     helper: str
     sndbuf: int | None
     vhost: Vhost
+    queues: int = 1  # a QEMU bridge helper hands back one queue
 
 
 Plan = CreatePlan | AdoptPlan | HelperPlan

@@ -248,19 +248,15 @@ class Service:
             try:
                 return await self._granted(peer, what, fds_in, log, owner_)
             except TapdError as exc:
-                queues = what.queues if isinstance(what, CreatePlan) else None
-                exc.context = {"bridge": what.bridge, "queues": queues, **exc.context}
+                exc.context = {"bridge": what.bridge, "queues": what.queues, **exc.context}
                 raise
 
     async def _granted(
         self, peer: Peer, what: Plan, fds_in: list[int], log: Any, owner_: _Owner
     ) -> Grant:
-        queues = what.queues if isinstance(what, CreatePlan) else 1
-        if isinstance(what, AdoptPlan):
-            queues = len(what.names)
-        log = log.bind(bridge=what.bridge, queues=queues)
+        log = log.bind(bridge=what.bridge, queues=what.queues)
         held = self.lifecycle.registry.held_by(peer.uid) + self._making[peer.uid]
-        decision = self.policy.check(peer, what.bridge, queues, held)
+        decision = self.policy.check(peer, what.bridge, what.queues, held)
         log = log.bind(rule=decision.rule)
         self._making[peer.uid] += 1
         try:
@@ -396,7 +392,7 @@ class Service:
                 f"the request names {len(what.names)} tap fd(s) but {len(fds_in)} "
                 "arrived with it; send them in SCM_RIGHTS with the request line"
             )
-        lease = self._lease(peer, what.bridge, len(what.names), owner_, None, adopted=True)
+        lease = self._lease(peer, what.bridge, what.queues, owner_, None, adopted=True)
         spec = AdoptSpec(
             bridge=what.bridge,
             fds=tuple(fds_in[: len(what.names)]),

@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from . import client, fdpass
 from .config import DEFAULT_SOCKET
 
-_PLACEHOLDERS = ("{fd}", "{fds}", "{vhostfd}", "{vhostfds}", "{ifname}")
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tapctl", description="Talk to tapd.")

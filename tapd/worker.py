@@ -54,19 +54,6 @@ class KernelWorker:
             await done.wait()
         return result[0].unwrap()
 
-    def call(self, fn: Callable[..., T], *args: object) -> T:
-        """Run ``fn(*args)`` in the kernel thread from plain (non-trio) code."""
-        box: list[outcome.Outcome[T]] = []
-        ready = threading.Event()
-
-        def job() -> None:
-            box.append(outcome.capture(fn, *args))
-            ready.set()
-
-        self._jobs.put(job)
-        ready.wait()
-        return box[0].unwrap()
-
     def close(self) -> None:
         self._jobs.put(_STOP)
         self._thread.join(timeout=5)
