@@ -1,10 +1,13 @@
-"""Everything tapd asks of rtnetlink, through pyroute2.
+"""Everything tapd asks of rtnetlink.
 
 With :mod:`tapd.tun` the only module that reaches the kernel.  :class:`Netlink`
-is synchronous and runs on the :class:`~tapd.worker.KernelWorker` thread,
-which owns its long-lived sockets (pyroute2 keeps per-thread state, so IPRoute
-is created and used there only).  :func:`link_events` listens for link changes
-on the trio loop itself.
+is synchronous.  Its pyroute2 side (lookups, dumps, removals) runs only on the
+:class:`~tapd.worker.KernelWorker` thread, which owns the long-lived IPRoute
+(pyroute2 keeps per-thread state, and a dump may be large).  The per-tap
+message (:meth:`Netlink.join_bridge`) and the checks of a cached bridge are a
+few syscalls on a socket of each calling thread's own, cheap enough for the
+trio loop to make itself.  :func:`link_events` listens for link changes on the
+trio loop.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import errno
 import os
 import socket
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -86,8 +90,10 @@ class Netlink:
 
     def __init__(self) -> None:
         self._ipr: IPRoute | None = None
-        self._sock: socket.socket | None = None
-        self._seq = 0
+        #: each thread's own socket for join_bridge (replies are matched by
+        #: sequence number, so two threads must never share one)
+        self._local = threading.local()
+        self._socks: list[socket.socket] = []
         #: bridges by name; an entry goes when its link changes (invalidate())
         self._bridges: dict[str, Bridge] = {}
 
@@ -97,18 +103,27 @@ class Netlink:
             self._ipr = IPRoute()
         return self._ipr
 
-    def bridge(self, name: str) -> Bridge:
-        """The bridge called ``name`` now.  A cached bridge is checked with two
-        ioctls (same index: still the same bridge; its MTU as it is now); only
-        a new or replaced one costs a netlink lookup."""
+    def cached_bridge(self, name: str) -> Bridge | None:
+        """The bridge called ``name`` if it is known and still the same: two
+        ioctls check it (same index: still that bridge; its MTU as it is now).
+        None when it must be looked up (:meth:`bridge`).  Safe on any thread."""
         cached = self._bridges.get(name)
+        if cached is None:
+            return None
+        state = tun.link_state(name)
+        if state is None or state[0] != cached.index:
+            self._bridges.pop(name, None)
+            return None
+        if state[1] != cached.mtu:
+            cached = self._bridges[name] = dataclasses.replace(cached, mtu=state[1])
+        return cached
+
+    def bridge(self, name: str) -> Bridge:
+        """The bridge called ``name`` now; a new or replaced one costs a
+        netlink lookup through pyroute2 (the worker thread's only)."""
+        cached = self.cached_bridge(name)
         if cached is not None:
-            state = tun.link_state(name)
-            if state is not None and state[0] == cached.index:
-                if state[1] != cached.mtu:
-                    cached = self._bridges[name] = dataclasses.replace(cached, mtu=state[1])
-                return cached
-            del self._bridges[name]
+            return cached
         found = self._lookup_bridge(name)
         self._bridges[name] = found
         return found
@@ -157,20 +172,24 @@ class Netlink:
             )
 
     def _request(self, kind: int, body: bytes) -> int:
-        """Send one request on tapd's own socket; the errno of its ack (0: done)."""
-        if self._sock is None:
-            self._sock = _route_socket()
-        self._seq += 1
+        """Send one request on this thread's socket; the errno of its ack (0: done)."""
+        local = self._local
+        sock: socket.socket | None = getattr(local, "sock", None)
+        if sock is None:
+            sock = local.sock = _route_socket()
+            local.seq = 0
+            self._socks.append(sock)
+        local.seq += 1
         header = _NLMSGHDR.pack(
-            _NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, self._seq, 0
+            _NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, local.seq, 0
         )
-        self._sock.send(header + body)
+        sock.send(header + body)
         while True:
-            data = self._sock.recv(65536)
+            data = sock.recv(65536)
             offset = 0
             while offset + _NLMSGHDR.size <= len(data):
                 length, kind_, _, seq, _ = _NLMSGHDR.unpack_from(data, offset)
-                if kind_ == NLMSG_ERROR and seq == self._seq:
+                if kind_ == NLMSG_ERROR and seq == local.seq:
                     return -int(_NLMSGERR.unpack_from(data, offset + _NLMSGHDR.size)[0])
                 offset += max(length, _NLMSGHDR.size)
 
@@ -212,9 +231,11 @@ class Netlink:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        # At shutdown, with no request left on any thread.
+        for sock in self._socks:
+            sock.close()
+        self._socks.clear()
+        self._local = threading.local()
 
 
 # <linux/filter.h>: classic BPF, to drop events tapd does not need in the kernel

@@ -1,8 +1,10 @@
 """Making taps ready for a VM: the intentions tapd carries out in the kernel.
 
-:class:`KernelTaps` strings :mod:`tapd.tun` and :mod:`tapd.netlink` together
-and runs (synchronously) on the kernel worker thread.  Code above it only sees
-the :class:`TapMaker` protocol, so it can be tested against a fake as well as
+:class:`KernelTaps` strings :mod:`tapd.tun` and :mod:`tapd.netlink` together,
+synchronously.  :meth:`KernelTaps.make` is a handful of syscalls and runs on
+the trio loop; :meth:`KernelTaps.bridge` and :meth:`KernelTaps.adopt` may ask
+pyroute2 and run on the kernel worker thread.  Code above it only sees the
+:class:`TapMaker` protocol, so it can be tested against a fake as well as
 against the real kernel.
 """
 
@@ -90,7 +92,11 @@ class MadeTap:
 
 
 class TapMaker(Protocol):
-    def make(self, spec: TapSpec) -> MadeTap: ...
+    def cached_bridge(self, name: str) -> Bridge | None: ...
+
+    def bridge(self, name: str) -> Bridge: ...
+
+    def make(self, spec: TapSpec, bridge: Bridge) -> MadeTap: ...
 
     def adopt(self, spec: AdoptSpec) -> MadeTap: ...
 
@@ -169,8 +175,17 @@ class KernelTaps:
             f"could not find a free interface name from template {spec.name_template!r}"
         )
 
-    def make(self, spec: TapSpec) -> MadeTap:
-        bridge = self.netlink.bridge(spec.bridge)
+    def cached_bridge(self, name: str) -> Bridge | None:
+        """``name`` if known and unchanged, without pyroute2 (any thread)."""
+        return self.netlink.cached_bridge(name)
+
+    def bridge(self, name: str) -> Bridge:
+        """``name``, looked up if need be (worker thread)."""
+        return self.netlink.bridge(name)
+
+    def make(self, spec: TapSpec, bridge: Bridge) -> MadeTap:
+        """Create the tap and put it on ``bridge``: no pyroute2, no waits but
+        the kernel's own, so the trio loop calls it directly."""
         vnet_hdr = self._vnet_hdr(spec.vnet_hdr)
         name, fds = self._create(spec, vnet_hdr)
         made = _made(name, fds, vnet_hdr, bridge)

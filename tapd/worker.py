@@ -1,10 +1,13 @@
-"""One thread for every blocking kernel call.
+"""One thread for the kernel calls that may take long.
 
-pyroute2 keeps its event loop and sockets in thread-local storage, and the
-kernel serialises link changes under the RTNL lock anyway, so tapd runs all
-of its tun and netlink work in a single long-lived thread.  The trio loop
-hands it a callable and sleeps until the result is back: the loop never
-blocks on the kernel, and no thread is created per request.
+pyroute2 keeps its event loop and sockets in thread-local storage, its calls
+cost hundreds of microseconds of Python each and a dump grows with the host,
+and the kernel serialises link changes under the RTNL lock anyway, so tapd
+runs every pyroute2 call (bridge lookups, dumps, removals) and the adoption
+of taps made elsewhere in a single long-lived thread.  The trio loop hands it
+a callable and sleeps until the result is back; no thread is created per
+request.  (Creating a tap is a few quick syscalls and stays on the loop:
+see :meth:`tapd.service.Service._create`.)
 """
 
 from __future__ import annotations
