@@ -77,7 +77,6 @@ async def run(config: Config, listener: Listener, config_path: str | None = None
         lifecycle = Lifecycle(config, worker, maker.netlink)
         service = Service(config, maker, worker, lifecycle, config_path)
         server = Server(service)
-        sock = trio.socket.from_stdlib_socket(listener.sock)
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         with trio.open_signal_receiver(*signals) as received:
             async with trio.open_nursery() as nursery:
@@ -86,7 +85,7 @@ async def run(config: Config, listener: Listener, config_path: str | None = None
 
                 async def accept() -> None:
                     with accepting:
-                        await server.serve(sock, nursery)
+                        await server.serve(listener.sock, nursery)
 
                 nursery.start_soon(accept)
                 if notifier.watchdog_interval:

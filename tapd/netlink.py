@@ -81,7 +81,7 @@ def _route_socket() -> socket.socket:
 class Netlink:
     """rtnetlink for tapd, created lazily in the worker thread on first use.
 
-    The per-tap message (:meth:`join_bridge`) is one fixed-shape RTM_NEWLINK,
+    The per-tap messages (:meth:`join_bridge`) are fixed-shape RTM_NEWLINKs,
     packed here and sent on a netlink socket of tapd's own: through IPRoute it
     cost 666 us a tap where the kernel needs about 200, and pyroute2's encoder
     alone 120 us of the GIL.  Everything else (lookups, dumps, removals) goes
@@ -150,26 +150,38 @@ class Netlink:
         self, index: int, name: str, bridge: Bridge, mac: str, alias: str | None = None
     ) -> None:
         """Copy the bridge's MTU, set the address (and the lease tag), enslave,
-        bring up: one message.
+        bring up.
 
         rtnetlink's do_setlink() applies IFLA_ADDRESS and IFLA_MTU before
-        IFLA_MASTER, so the port joins with its final address and MTU.
+        IFLA_MASTER, so one message would do; but an IFLA_IFALIAS makes it
+        announce a NETDEV_CHANGE after enslaving, and the bridge's handling of
+        that grows with its ports (measured: +22 us a tap on an empty bridge,
+        +100 us with 250 ports).  So a tagged tap gets its tag, address and
+        MTU first, while it is nobody's port, and joins in a second message:
+        cheaper at every bridge size.
         """
-        attrs = (
-            _nla(IFLA_ADDRESS, bytes.fromhex(mac.replace(":", "")))
-            + _nla(IFLA_MTU, _U32.pack(bridge.mtu))
-            + _nla(IFLA_MASTER, _U32.pack(bridge.index))
+        config = _nla(IFLA_ADDRESS, bytes.fromhex(mac.replace(":", ""))) + _nla(
+            IFLA_MTU, _U32.pack(bridge.mtu)
         )
-        if alias is not None:
-            attrs += _nla(IFLA_IFALIAS, alias.encode())
-        err = self._request(RTM_NEWLINK, _IFINFOMSG.pack(0, 0, index, IFF_UP, IFF_UP) + attrs)
-        if err == errno.ENODEV:
-            self._bridges.pop(bridge.name, None)
-            raise BridgeNotFound(f"bridge {bridge.name!r} went away while {name!r} was joining it")
-        if err:
-            raise kernel_error(
-                OSError(err, os.strerror(err)), f"attaching {name!r} to bridge {bridge.name!r}"
-            )
+        join = _nla(IFLA_MASTER, _U32.pack(bridge.index))
+        if alias is None:
+            steps = [_IFINFOMSG.pack(0, 0, index, IFF_UP, IFF_UP) + config + join]
+        else:
+            steps = [
+                _IFINFOMSG.pack(0, 0, index, 0, 0) + config + _nla(IFLA_IFALIAS, alias.encode()),
+                _IFINFOMSG.pack(0, 0, index, IFF_UP, IFF_UP) + join,
+            ]
+        for body in steps:
+            err = self._request(RTM_NEWLINK, body)
+            if err == errno.ENODEV:
+                self._bridges.pop(bridge.name, None)
+                raise BridgeNotFound(
+                    f"bridge {bridge.name!r} went away while {name!r} was joining it"
+                )
+            if err:
+                raise kernel_error(
+                    OSError(err, os.strerror(err)), f"attaching {name!r} to bridge {bridge.name!r}"
+                )
 
     def _request(self, kind: int, body: bytes) -> int:
         """Send one request on this thread's socket; the errno of its ack (0: done)."""

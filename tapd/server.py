@@ -49,10 +49,13 @@ ACCEPT_OVERLOAD = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENO
 #: many vhost fds.  More is refused before it can fill tapd's fd table.
 MAX_FDS_PER_REQUEST = 2 * MAX_TAP_QUEUES
 
+#: connections accepted in a row before the accept loop lets others run
+ACCEPT_BATCH = 64
+
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # <asm-generic/socket.h>
 
 
-def _peer_groups(sock: trio.socket.SocketType) -> tuple[int, ...]:
+def _peer_groups(sock: socket.socket) -> tuple[int, ...]:
     """SO_PEERGROUPS: every supplementary group of the peer.
 
     Python's getsockopt() takes at most 1024 bytes (256 groups); a peer in
@@ -81,7 +84,7 @@ _NGROUPS_MAX = 65536
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def peer_of(sock: trio.socket.SocketType) -> Peer:
+def peer_of(sock: socket.socket) -> Peer:
     """The peer's credentials, as the kernel recorded them at connect time,
     and a pidfd for its process (the caller closes it)."""
     pid, uid, gid = owner.peer_cred(sock)
@@ -117,19 +120,29 @@ class Server:
 
     async def serve(
         self,
-        listener: trio.socket.SocketType,
+        listener: socket.socket,
         connections: trio.Nursery,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept until cancelled.  Connections run in ``connections``, a
         nursery of the caller's, so that stopping the accept loop leaves the
-        requests in flight to finish."""
+        requests in flight to finish.
+
+        ``listener`` is a stdlib socket, made non-blocking here: accept() is
+        called straight away and trio only waits for it when nothing is
+        pending (see :mod:`tapd.fdpass` for why).
+        """
+        listener.setblocking(False)
         task_status.started()
         backoff = 0.01
+        accepted = 0
         while True:
             try:
-                sock, _ = await listener.accept()
+                sock, _ = listener.accept()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(listener)
+                continue
             except OSError as exc:
                 if exc.errno not in ACCEPT_OVERLOAD:
                     raise
@@ -138,9 +151,15 @@ class Server:
                 backoff = min(backoff * 2, 1.0)
                 continue
             backoff = 0.01
+            sock.setblocking(False)
             connections.start_soon(self._connection, sock)
+            accepted += 1
+            if accepted % ACCEPT_BATCH == 0:
+                # A flood of connections must not keep the loop from the
+                # connections already accepted.
+                await trio.lowlevel.checkpoint()
 
-    async def _connection(self, sock: trio.socket.SocketType) -> None:
+    async def _connection(self, sock: socket.socket) -> None:
         conn = next(self._ids)
         with sock:
             try:
@@ -154,7 +173,7 @@ class Server:
                 if peer.pidfd >= 0:
                     os.close(peer.pidfd)
 
-    async def _admitted(self, sock: trio.socket.SocketType, conn: int, peer: Peer) -> None:
+    async def _admitted(self, sock: socket.socket, conn: int, peer: Peer) -> None:
         log = self.log.bind(conn=conn, uid=peer.uid, gid=peer.gid, pid=peer.pid)
         service = self.service
         if service.connections >= self.config.server.max_connections:
@@ -198,13 +217,13 @@ class Server:
         if not self.busy:
             self.idle.set()
 
-    async def _reply_quietly(self, sock: trio.socket.SocketType, error: TapdError) -> None:
+    async def _reply_quietly(self, sock: socket.socket, error: TapdError) -> None:
         """A last error reply before closing; the peer may already be gone, or
         not reading (then it gets request_timeout to take it)."""
         with contextlib.suppress(OSError), trio.move_on_after(self.config.server.request_timeout):
             await fdpass.send_line(sock, protocol.encode(error.to_wire()), [])
 
-    async def _send(self, sock: trio.socket.SocketType, line: bytes, fds: list[int]) -> None:
+    async def _send(self, sock: socket.socket, line: bytes, fds: list[int]) -> None:
         """Send a reply, within request_timeout: a client that sends requests
         but never reads its replies must not hold a connection forever."""
         timeout = self.config.server.request_timeout
@@ -213,9 +232,7 @@ class Server:
             return
         raise RequestTimeout(f"the client did not take its reply within {timeout:g} s")
 
-    async def _serve_connection(
-        self, sock: trio.socket.SocketType, conn: int, peer: Peer, log: Any
-    ) -> None:
+    async def _serve_connection(self, sock: socket.socket, conn: int, peer: Peer, log: Any) -> None:
         lines = protocol.LineBuffer()
         seq = itertools.count(1)
         timeout = self.config.server.request_timeout
@@ -225,6 +242,7 @@ class Server:
         # The deadline covers a whole request, not each read, so a client that
         # trickles one byte at a time cannot hold a connection forever.
         deadline = trio.current_time() + timeout
+        handled = 0
         try:
             while True:
                 received = None
@@ -261,6 +279,12 @@ class Server:
                 lines.feed(received.data)
                 try:
                     while (line := lines.next_line()) is not None:
+                        if handled:
+                            # Sends and receives that need not wait do not
+                            # yield (tapd.fdpass): a client pipelining many
+                            # lines must still let the other connections run.
+                            await trio.lowlevel.checkpoint()
+                        handled += 1
                         fds, pending = pending, []
                         self._enter()
                         try:
@@ -282,7 +306,7 @@ class Server:
 
     async def _one(
         self,
-        sock: trio.socket.SocketType,
+        sock: socket.socket,
         line: bytes,
         fds_in: list[int],
         peer: Peer,

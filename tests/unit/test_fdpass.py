@@ -14,7 +14,6 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-import trio
 
 from tapd import fdpass
 
@@ -167,7 +166,9 @@ def test_line_without_fds(pair: tuple[socket.socket, socket.socket]) -> None:
 async def test_async_send_and_receive(pipe_end: int) -> None:
     inode = os.fstat(pipe_end).st_ino
     before = open_fds()
-    a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.setblocking(False)
+    b.setblocking(False)
     received: list[int] = []
     with a, b:
         sent = [os.dup(pipe_end) for _ in range(300)]
