@@ -17,7 +17,6 @@ import structlog
 def configure(stream: TextIO | None = None, level: int = logging.INFO) -> None:
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

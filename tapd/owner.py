@@ -58,11 +58,18 @@ def exited(pidfd: int) -> bool:
 
 def _stat_field(pid: int, field: int) -> int | None:
     """Numeric field ``field`` (1-based, as in proc(5)) of /proc/PID/stat."""
+    # os.open/os.read, not open(): no buffered file object for one read (this
+    # is on every request's path).  The line is well under a page.
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, ProcessLookupError):
         return None  # gone; any other failure (EMFILE...) is not "exited"
+    try:
+        stat = os.read(fd, 4096)
+    except ProcessLookupError:
+        return None
+    finally:
+        os.close(fd)
     # The command name (field 2) may hold spaces and parentheses: split after
     # its last ')'.  What follows starts at field 3.
     rest = stat[stat.rindex(b")") + 2 :].split()

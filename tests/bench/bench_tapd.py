@@ -8,7 +8,8 @@ hits every contender alike:
 
 1. the kernel floor: in-process open + TUNSETIFF + one hand-packed
    RTM_NEWLINK setting master, MTU, address and up (the least the kernel can
-   do for a bridged tap);
+   do for a bridged tap); beside it, a bare trio server doing only those
+   syscalls per connection, for what any Python/trio daemon adds to them;
 2. qemu-bridge-helper (Debian's QEMU), per tap, through its real protocol;
 3. tapd, per tap, from a separate client process (connect -> reply -> fd);
 4. throughput: 64 concurrent clients, 2,000 taps, tapd against the helper
@@ -108,10 +109,9 @@ class Series:
 # clients) runs in one agent process started there, driven over stdin/stdout
 # with one JSON command per line.
 
-AGENT = r'''
+FLOOR = r'''
 import fcntl, json, os, socket, struct, subprocess, sys, time, array, threading
 sys.path.insert(0, sys.argv[1])
-from tapd import client, fdpass
 
 TUNSETIFF = 0x400454CA
 held = []
@@ -131,7 +131,7 @@ def setlink(index, master, mtu, mac):
     if err:
         raise OSError(-err, os.strerror(-err))
 
-def floor_one(name, br, queues=1):
+def floor_one(name, br, queues=1, keep=True):
     flags = 0x2 | 0x1000 | 0x4000 | (0x100 if queues > 1 else 0)
     fds = []
     for q in range(queues):
@@ -141,7 +141,15 @@ def floor_one(name, br, queues=1):
                     flags | (0x8000 if q == 0 else 0)))
     setlink(socket.if_nametoindex(name), socket.if_nametoindex(br), 1500,
             b"\xfe" + os.urandom(5))
+    if not keep:
+        return fds[0]
     held.extend(fds)
+'''
+
+AGENT = (
+    FLOOR
+    + r"""
+from tapd import client, fdpass
 
 def helper_one(br):
     a, b = socket.socketpair()
@@ -183,7 +191,47 @@ for line in sys.stdin:
             tapd_one(cmd["path"], br, cmd.get("queues", 1))
         out.append(time.perf_counter() - t)
     print(json.dumps(out), flush=True)
-'''
+"""
+)
+
+
+# The least any trio daemon adds to the floor: a bare server that, per
+# connection, reads one line, does exactly the floor's syscalls on the loop
+# and sends the fd back - no validation, policy, lease or log.  tapd's cost
+# above this is tapd's own; this one's above the floor is Python's and trio's.
+BARE = (
+    FLOOR
+    + r"""
+import trio
+n = [0]
+async def serve_one(conn):
+    with conn:
+        while True:
+            try:
+                data = conn.recv(65536)
+                break
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(conn)
+        n[0] += 1
+        fd = floor_one(f"bs{n[0]}", json.loads(data)["br"], keep=False)
+        conn.sendmsg([b'{"ok":true,"fds":1,"vhostfds":0}\n'],
+                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())])
+        os.close(fd)
+async def main():
+    listener = socket.socket(fileno=int(sys.argv[2]))
+    listener.setblocking(False)
+    async with trio.open_nursery() as nursery:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(listener)
+                continue
+            conn.setblocking(False)
+            nursery.start_soon(serve_one, conn)
+trio.run(main)
+"""
+)
 
 
 class Agent:
@@ -220,16 +268,22 @@ class Tapd:
     workdir: str
 
     @classmethod
-    def start(cls, ns: str, config: str = "") -> Tapd:
+    def start(cls, ns: str, config: str = "", bare: bool = False) -> Tapd:
+        """tapd on a socket of its own; ``bare``: the bare trio server instead."""
         workdir = tempfile.mkdtemp(prefix="tapd-bench-")
         path = f"{workdir}/s"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
         listener.listen(1024)
         (Path(workdir) / "tapd.toml").write_text(config)
+        fd = str(listener.fileno())
+        argv = (
+            ["-c", BARE, str(REPO), fd]
+            if bare
+            else ["-m", "tapd.daemon", "--listen-fd", fd, "--config", f"{workdir}/tapd.toml"]
+        )
         proc = subprocess.Popen(
-            in_ns(ns, [sys.executable, "-m", "tapd.daemon", "--listen-fd",
-                       str(listener.fileno()), "--config", f"{workdir}/tapd.toml"]),
+            in_ns(ns, [sys.executable, *argv]),
             pass_fds=[listener.fileno()], stderr=subprocess.DEVNULL, cwd=REPO,
         )  # fmt: skip
         listener.close()
@@ -269,23 +323,30 @@ def helper_acl() -> Iterator[None]:
 
 
 def per_tap(rounds: int, per_round: int) -> dict[str, Series]:
-    """1-3: floor, helper and tapd per tap, interleaved round by round."""
-    series = {k: Series(k) for k in ("floor", "helper", "tapd")}
+    """1-3: floor, bare trio server, helper and tapd per tap, interleaved
+    round by round."""
+    series = {k: Series(k) for k in ("floor", "bare trio", "helper", "tapd")}
     with namespace() as ns:
-        tapd = Tapd.start(ns)
+        tapd, bare = Tapd.start(ns), Tapd.start(ns, bare=True)
         agent = Agent(ns)
+        paths = {"tapd": tapd.path, "bare trio": bare.path}
         try:
-            agent.run(op="tapd", path=tapd.path, count=3, bridges=["br0"])  # warm up
+            for path in paths.values():  # warm up
+                agent.run(op="tapd", path=path, count=3, bridges=["br0"])
             agent.run(op="close")
             for _ in range(rounds):
-                for kind in ("floor", "helper", "tapd"):
+                for kind in series:
                     series[kind].values += agent.run(
-                        op=kind, path=tapd.path, count=per_round, bridges=list(BRIDGES)
+                        op="tapd" if kind in paths else kind,
+                        path=paths.get(kind, ""),
+                        count=per_round,
+                        bridges=list(BRIDGES),
                     )
                 agent.run(op="close")
         finally:
             agent.quit()
             tapd.stop()
+            bare.stop()
     return series
 
 
@@ -447,11 +508,11 @@ def main() -> int:
     scale, footprint = scaling(levels, args.per_round)
     cold = cold_start(max(3, args.rounds))
 
-    floor, helper, tapd = taps["floor"], taps["helper"], taps["tapd"]
+    floor, bare, helper, tapd = taps["floor"], taps["bare trio"], taps["helper"], taps["tapd"]
     print(f"tapd benchmark on {platform.node()}: {os.cpu_count()} cores, "
           f"Linux {platform.release()}, Python {platform.python_version()}")  # fmt: skip
     print(f"{'what':34s} {'median ms':>9s} {'p99 ms':>9s} {'/helper':>8s} {'/floor':>7s}")
-    for s in (floor, helper, tapd):
+    for s in (floor, bare, helper, tapd):
         print(f"{'per tap: ' + s.name:34s} {ms(s.median)} {ms(s.p99)} "
               f"{s.median / helper.median:8.2f} {s.median / floor.median:7.2f}")  # fmt: skip
     print(f"{'256 queues: floor':34s} {ms(mq['floor'].median)} {ms(mq['floor'].p99)}")
