@@ -209,8 +209,9 @@ class Server:
                 del self._per_uid[peer.uid]
 
     def _enter(self) -> None:
+        if not self.busy:
+            self.idle = trio.Event()
         self.busy += 1
-        self.idle = trio.Event()
 
     def _leave(self) -> None:
         self.busy -= 1

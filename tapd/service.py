@@ -14,6 +14,7 @@ import os
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,11 +63,17 @@ class Grant:
     lifecycle: Lifecycle | None = None
     downscript_path: str | None = None
     hook_timeout: float = 10.0
+    #: logs the grant: called once the reply is out, so that the client is
+    #: not kept waiting for the log line (the lease is tracked before)
+    on_sent: Callable[[], None] | None = None
 
     def sent(self) -> None:
         # Our copies go: once the VM closes its own, the tap is gone.
         close_all(self.fds)
         self.fds = []
+        if self.on_sent is not None:
+            self.on_sent()
+            self.on_sent = None
 
     async def abandon(self, log: Any) -> None:
         if self.lease is not None and self.lifecycle is not None:
@@ -81,6 +88,7 @@ class Grant:
                     )
                 except Exception as exc:
                     log.warning("hook.downscript.failed", lease=self.lease.id, error=str(exc))
+        self.on_sent = None  # never delivered: request.undelivered says so
         self.sent()
 
 
@@ -329,14 +337,17 @@ class Service:
         except BaseException:
             close_all(fds)  # the tap fds we made (an adopted tap's stay the client's)
             raise
-        log.info(
-            "request.granted",
-            outcome="granted",
-            lease=lease.id,
-            ifname=made.ifname,
-            mac=made.mac,
-            warnings=made.warnings or None,
-        )
+
+        def granted() -> None:
+            log.info(
+                "request.granted",
+                outcome="granted",
+                lease=lease.id,
+                ifname=made.ifname,
+                mac=made.mac,
+                warnings=made.warnings or None,
+            )
+
         return Grant(
             _reply(made, reply_fds, lease),
             fds,
@@ -344,6 +355,7 @@ class Service:
             lifecycle=self.lifecycle,
             downscript_path=downscript_path,
             hook_timeout=self.config.programs.hook_timeout,
+            on_sent=granted,
         )
 
     async def _create(
