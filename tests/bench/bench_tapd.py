@@ -334,8 +334,10 @@ def per_tap(rounds: int, per_round: int) -> dict[str, Series]:
             for path in paths.values():  # warm up
                 agent.run(op="tapd", path=path, count=3, bridges=["br0"])
             agent.run(op="close")
-            for _ in range(rounds):
-                for kind in series:
+            kinds = list(series)
+            for r in range(rounds):
+                # A different contender opens each round (see scaling()).
+                for kind in kinds[r % len(kinds) :] + kinds[: r % len(kinds)]:
                     series[kind].values += agent.run(
                         op="tapd" if kind in paths else kind,
                         path=paths.get(kind, ""),
@@ -343,6 +345,7 @@ def per_tap(rounds: int, per_round: int) -> dict[str, Series]:
                         bridges=list(BRIDGES),
                     )
                 agent.run(op="close")
+                settle(tapd.path, 0)
         finally:
             agent.quit()
             tapd.stop()
@@ -410,6 +413,18 @@ def multiqueue(rounds: int) -> dict[str, Series]:
     return series
 
 
+def settle(path: str, leases: int) -> None:
+    """Wait until tapd has seen the taps just closed go (its lease count back
+    at ``leases``), so that one round's clean-up does not fall in the next."""
+    sys.path.insert(0, str(REPO))
+    from tapd import client
+
+    deadline = time.monotonic() + 10
+    while client.status(path=path)["leases"] > leases and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+
+
 def scaling(
     levels: list[int], per_level: int
 ) -> tuple[dict[int, dict[str, Series]], dict[str, int]]:
@@ -427,12 +442,15 @@ def scaling(
                 filler.run(op="tapd", path=tapd.path, count=level - live, bridges=list(BRIDGES))
                 live = level
                 out[level] = {k: Series(f"{k}@{level}") for k in ("floor", "tapd")}
-                for _ in range(4):
-                    for kind in ("floor", "tapd"):
+                for i in range(4):
+                    # Each goes first in turn: whichever follows a close
+                    # meets the kernel's and tapd's clean-up of the last taps.
+                    for kind in ("floor", "tapd") if i % 2 == 0 else ("tapd", "floor"):
                         out[level][kind].values += agent.run(
                             op=kind, path=tapd.path, count=per_level // 4, bridges=list(BRIDGES)
                         )
                     agent.run(op="close")
+                    settle(tapd.path, level)
             rss, fds = tapd.rss_and_fds()
             footprint = {"leases": live, "rss_bytes": rss, "open_fds": fds}
         finally:
