@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,7 +53,13 @@ def call(
     """
     where = socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.settimeout(timeout)
+    if timeout is not None:
+        # Timeouts kept by the kernel (SO_SNDTIMEO also bounds a UNIX
+        # connect): settimeout() would poll() before every call instead.
+        seconds = max(timeout, 0.001)  # a zero timeval would mean "wait forever"
+        timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
     received: list[int] = []
     try:
         try:
@@ -92,7 +99,7 @@ def call(
         result = received
         received = []
         return reply, result
-    except TimeoutError:
+    except (TimeoutError, BlockingIOError):  # BlockingIOError: a kernel timeout ran out
         raise ClientError("timeout", f"tapd at {where} did not answer in time") from None
     finally:
         close_all(received)

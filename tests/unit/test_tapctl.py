@@ -5,6 +5,10 @@ A grant is built by hand: substitute() and netdev_args() only read its numbers.
 
 from __future__ import annotations
 
+import pathlib
+import socket
+import time
+
 import pytest
 
 from tapd import client
@@ -129,3 +133,25 @@ def test_default_path(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_empty_environment_variable_means_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TAPD_SOCKET", "")
     assert client.socket_path() == "/run/tapd.sock"
+
+
+def test_a_silent_daemon_times_out(tmp_path: pathlib.Path) -> None:
+    """The client's timeout is kept by the kernel (SO_RCVTIMEO): a daemon
+    that takes the request and never answers gives a timeout error in about
+    that time, not a hang."""
+    path = str(tmp_path / "s")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        start = time.monotonic()
+        with pytest.raises(client.ClientError) as caught:
+            client.call({"op": "hello"}, path=path, timeout=0.3)
+        waited = time.monotonic() - start
+    assert caught.value.code == "timeout"
+    assert 0.25 <= waited < 5
+
+
+def test_a_missing_socket_is_unreachable(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(client.ClientError) as caught:
+        client.call({"op": "hello"}, path=str(tmp_path / "nothing"), timeout=0.3)
+    assert caught.value.code == "unreachable"
