@@ -52,18 +52,26 @@ def call(
     returned fds.
     """
     where = socket_path(path)
+    if timeout is not None and not timeout > 0:  # NaN too
+        raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    if timeout is not None:
-        # Timeouts kept by the kernel (SO_SNDTIMEO also bounds a UNIX
-        # connect): settimeout() would poll() before every call instead.
-        seconds = max(timeout, 0.001)  # a zero timeval would mean "wait forever"
-        timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
     received: list[int] = []
     try:
+        if timeout is not None:
+            # Timeouts kept by the kernel (SO_SNDTIMEO also bounds a UNIX
+            # connect): settimeout() would poll() before every call instead.
+            # (A signal handler that runs makes the kernel start the wait
+            # over: PEP 475 retries the call.)
+            seconds = max(timeout, 1e-6)  # a zero timeval means "wait forever"
+            timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
         try:
             sock.connect(where)
+        except BlockingIOError:
+            raise ClientError(
+                "timeout", f"tapd at {where} did not take the connection in time (busy?)"
+            ) from None
         except OSError as exc:
             raise ClientError(
                 "unreachable",

@@ -68,6 +68,9 @@ async def run(config: Config, listener: Listener, config_path: str | None = None
     worker = KernelWorker()
     maker = KernelTaps(config.taps.tun_device)
     try:
+        # Both threads that make taps get their netlink socket now.
+        maker.netlink.thread_socket()
+        await worker.run(maker.netlink.thread_socket)
         try:
             features = await worker.run(lambda: maker.features)
             log.info("tun.features", vnet_hdr=features.vnet_hdr, multi_queue=features.multi_queue)

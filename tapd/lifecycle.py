@@ -133,9 +133,11 @@ class Lifecycle:
                 )
                 if lease.adopted:
                     # The client made this tap: tapd forgets its lease, and
-                    # leaves the tap to the fds that keep it.
+                    # leaves the tap to the fds that keep it - untagged, so
+                    # that a restarted tapd does not take it for a lease.
                     self.registry.pop(lease.ifindex)
                     self._ended(lease, "owner-exited")
+                    await self._untag(lease)
                     return
                 # Usually the owner's exit closed the fds and the tap is already
                 # going; a persistent tap is removed here.  Either way the
@@ -152,6 +154,12 @@ class Lifecycle:
         finally:
             trio.lowlevel.notify_closing(pidfd)
             os.close(pidfd)
+
+    async def _untag(self, lease: Lease) -> None:
+        try:
+            await self.worker.run(self.netlink.clear_tag, lease.ifindex)
+        except Exception:
+            self.log.exception("lease.untag.failed", lease=lease.id)
 
     async def release(self, lease: Lease) -> None:
         """End a lease now: remove its tap even while a VM holds it."""
@@ -176,6 +184,12 @@ class Lifecycle:
                 kept += 1
                 continue
             self.log.info("lease.owner.gone", lease=lease.id, ifname=name, pid=lease.pid)
+            if lease.adopted:
+                # Not tapd's tap: forgotten, as when its owner exits while
+                # tapd runs, never removed.
+                await self._untag(lease)
+                removed += 1
+                continue
             self.registry.add(lease)  # so that its RTM_DELLINK ends it, downscript and all
             with contextlib.suppress(Exception):
                 await self.worker.run(self.netlink.delete, index)

@@ -79,7 +79,8 @@ def _route_socket() -> socket.socket:
 
 
 class Netlink:
-    """rtnetlink for tapd, created lazily in the worker thread on first use.
+    """rtnetlink for tapd.  Its sockets are made on first use: IPRoute in the
+    worker thread (its only user), a raw socket in each thread that sends.
 
     The per-tap messages (:meth:`join_bridge`) are fixed-shape RTM_NEWLINKs,
     packed here and sent on a netlink socket of tapd's own: through IPRoute it
@@ -94,7 +95,7 @@ class Netlink:
         #: sequence number, so two threads must never share one)
         self._local = threading.local()
         self._socks: list[socket.socket] = []
-        #: bridges by name; an entry goes when its link changes (invalidate())
+        #: bridges by name; an entry goes when a check finds its link changed
         self._bridges: dict[str, Bridge] = {}
 
     @property
@@ -171,26 +172,53 @@ class Netlink:
                 _IFINFOMSG.pack(0, 0, index, 0, 0) + config + _nla(IFLA_IFALIAS, alias.encode()),
                 _IFINFOMSG.pack(0, 0, index, IFF_UP, IFF_UP) + join,
             ]
-        for body in steps:
+        for step, body in enumerate(steps):
             err = self._request(RTM_NEWLINK, body)
-            if err == errno.ENODEV:
-                self._bridges.pop(bridge.name, None)
-                raise BridgeNotFound(
-                    f"bridge {bridge.name!r} went away while {name!r} was joining it"
-                )
-            if err:
-                raise kernel_error(
-                    OSError(err, os.strerror(err)), f"attaching {name!r} to bridge {bridge.name!r}"
-                )
+            if not err:
+                continue
+            if step and alias is not None:
+                # Leave no tag on a tap that did not join: an adopted tap
+                # stays its owner's, and a restarted tapd would take a tagged
+                # one for a lease.
+                self.clear_tag(index)
+            if err in (errno.EINVAL, errno.ENODEV) and step == len(steps) - 1:
+                # do_set_master() answers EINVAL for a master index that no
+                # longer exists: was that the bridge going away?
+                state = tun.link_state(bridge.name)
+                if state is None or state[0] != bridge.index:
+                    self._bridges.pop(bridge.name, None)
+                    raise BridgeNotFound(
+                        f"bridge {bridge.name!r} went away while {name!r} was joining it"
+                    )
+            raise kernel_error(
+                OSError(err, os.strerror(err)), f"attaching {name!r} to bridge {bridge.name!r}"
+            )
 
-    def _request(self, kind: int, body: bytes) -> int:
-        """Send one request on this thread's socket; the errno of its ack (0: done)."""
+    def clear_tag(self, index: int) -> None:
+        """Remove a lease tag (an empty IFLA_IFALIAS); a tap already gone is
+        no error."""
+        err = self._request(
+            RTM_NEWLINK, _IFINFOMSG.pack(0, 0, index, 0, 0) + _nla(IFLA_IFALIAS, b"")
+        )
+        if err and err != errno.ENODEV:
+            raise kernel_error(OSError(err, os.strerror(err)), f"untagging interface {index}")
+
+    def thread_socket(self) -> socket.socket:
+        """This thread's socket for hand-packed requests, made on first use
+        (the daemon makes the loop's and the worker's at start, so that its
+        set of open fds does not change with the first request of a kind)."""
         local = self._local
         sock: socket.socket | None = getattr(local, "sock", None)
         if sock is None:
             sock = local.sock = _route_socket()
             local.seq = 0
             self._socks.append(sock)
+        return sock
+
+    def _request(self, kind: int, body: bytes) -> int:
+        """Send one request on this thread's socket; the errno of its ack (0: done)."""
+        local = self._local
+        sock = self.thread_socket()
         local.seq += 1
         header = _NLMSGHDR.pack(
             _NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, local.seq, 0

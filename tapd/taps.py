@@ -1,11 +1,12 @@
 """Making taps ready for a VM: the intentions tapd carries out in the kernel.
 
 :class:`KernelTaps` strings :mod:`tapd.tun` and :mod:`tapd.netlink` together,
-synchronously.  :meth:`KernelTaps.make` is a handful of syscalls and runs on
-the trio loop; :meth:`KernelTaps.bridge` and :meth:`KernelTaps.adopt` may ask
-pyroute2 and run on the kernel worker thread.  Code above it only sees the
-:class:`TapMaker` protocol, so it can be tested against a fake as well as
-against the real kernel.
+synchronously.  Making a single-queue tap (:meth:`KernelTaps.create` and
+:meth:`KernelTaps.attach`) is a handful of syscalls that the trio loop makes
+itself; :meth:`KernelTaps.bridge`, :meth:`KernelTaps.adopt` and larger taps
+run on the kernel worker thread (see :meth:`tapd.service.Service._make`).
+Code above it only sees the :class:`TapMaker` protocol, so it can be tested
+against a fake as well as against the real kernel.
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ class TapMaker(Protocol):
 
     def bridge(self, name: str) -> Bridge: ...
 
+    def create(self, spec: TapSpec, bridge: Bridge) -> MadeTap: ...
+
+    def attach(self, made: MadeTap, bridge: Bridge, spec: TapSpec) -> None: ...
+
     def make(self, spec: TapSpec, bridge: Bridge) -> MadeTap: ...
 
     def adopt(self, spec: AdoptSpec) -> MadeTap: ...
@@ -183,12 +188,21 @@ class KernelTaps:
         """``name``, looked up if need be (worker thread)."""
         return self.netlink.bridge(name)
 
-    def make(self, spec: TapSpec, bridge: Bridge) -> MadeTap:
-        """Create the tap and put it on ``bridge``: no pyroute2, no waits but
-        the kernel's own, so the trio loop calls it directly."""
+    def create(self, spec: TapSpec, bridge: Bridge) -> MadeTap:
+        """The tap's queues, not yet prepared or attached.  No pyroute2 and no
+        waits but the kernel's own (RTNL): the trio loop may call it."""
         vnet_hdr = self._vnet_hdr(spec.vnet_hdr)
         name, fds = self._create(spec, vnet_hdr)
-        made = _made(name, fds, vnet_hdr, bridge)
+        return _made(name, fds, vnet_hdr, bridge)
+
+    def attach(self, made: MadeTap, bridge: Bridge, spec: TapSpec) -> None:
+        """Prepare ``made`` and put it on ``bridge`` (as :meth:`create`, any
+        thread).  On failure the caller closes ``made``."""
+        self._attach(made, bridge, spec)
+
+    def make(self, spec: TapSpec, bridge: Bridge) -> MadeTap:
+        """:meth:`create` and :meth:`attach`; on failure the tap is removed."""
+        made = self.create(spec, bridge)
         try:
             self._attach(made, bridge, spec)
         except BaseException:

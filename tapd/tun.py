@@ -261,8 +261,9 @@ SIOCGIFMTU = 0x8921
 SIOCGIFINDEX = 0x8933
 _IFREQ_INT = struct.Struct("16si20x")
 
-#: an AF_UNIX socket to address interface ioctls to; made on first use, by the
-#: kernel worker thread only (where every caller of this module runs)
+#: an AF_UNIX socket to address interface ioctls to, made on first use.  The
+#: trio loop and the kernel worker both use it: these ioctls keep no state on
+#: the socket, and two threads racing to make it would only make two.
 _ctl: socket.socket | None = None
 
 

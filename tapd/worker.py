@@ -7,7 +7,7 @@ runs every pyroute2 call (bridge lookups, dumps, removals) and the adoption
 of taps made elsewhere in a single long-lived thread.  The trio loop hands it
 a callable and sleeps until the result is back; no thread is created per
 request.  (Creating a tap is a few quick syscalls and stays on the loop:
-see :meth:`tapd.service.Service._create`.)
+see :meth:`tapd.service.Service._make`.)
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ _STOP = object()
 class KernelWorker:
     def __init__(self, name: str = "tapd-kernel") -> None:
         self._jobs: queue.SimpleQueue[object] = queue.SimpleQueue()
+        #: jobs handed over and not yet answered (changed on the trio side only)
+        self.busy = 0
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -52,9 +54,13 @@ class KernelWorker:
             result.append(outcome.capture(fn, *args))
             token.run_sync_soon(done.set)
 
-        self._jobs.put(job)
-        with trio.CancelScope(shield=True):
-            await done.wait()
+        self.busy += 1
+        try:
+            self._jobs.put(job)
+            with trio.CancelScope(shield=True):
+                await done.wait()
+        finally:
+            self.busy -= 1
         return result[0].unwrap()
 
     def close(self) -> None:

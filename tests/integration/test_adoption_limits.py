@@ -96,11 +96,40 @@ def test_a_clients_own_tap_is_adopted_and_outlives_its_lease(
                 daemon.call({"op": "request", "fd": "3", "br": "br0"}, fds=fds)
             assert exc.value.code == "denied" and "already has a lease" in exc.value.message
             _finish(proc)
-            # Its owner is gone: the lease ends, the tap is left to its maker.
+            # Its owner is gone: the lease ends, the tap is left to its maker,
+            # untagged (a restarted tapd must not take it for a lease).
             wait_until(lambda: daemon.leases() == [], what="the lease to end")
-            assert "owntap" in links(ns)
+            wait_until(lambda: not links(ns)["owntap"].get("ifalias"), what="the tag to go")
+            assert links(ns)["owntap"]["master"] == "br0"
         finally:
             tun.close_all(fds)
+
+
+def test_an_adopted_tap_whose_owner_left_while_tapd_was_down_is_left_alone(
+    ns: str, br0: str, tmp_path: Path
+) -> None:
+    fds = make_tap_in(ns, "kepttap")
+    try:
+        tun.set_owner(fds[0], NOBODY)
+        with run_daemon(ns, tmp_path, CONFIG) as first:
+            _open_to_all(first)
+            result, proc = _adopt_as_nobody(first, fds[0])
+            assert result["ok"] is True, result
+            assert links(ns)["kepttap"].get("ifalias", "").startswith("tapd:1 ")
+            first.proc.kill()  # no clean stop: the tag stays on the tap
+            first.proc.wait(timeout=10)
+        _finish(proc)  # the owner goes while no tapd runs
+        (tmp_path / "second").mkdir()
+        with run_daemon(ns, tmp_path / "second", CONFIG) as second:
+            wait_until(lambda: any(
+                e["event"] == "lease.reconciled" for e in second.log()
+            ), what="the restart's reconcile")  # fmt: skip
+            assert second.leases() == []
+            # The client's tap: still there, still on its bridge, untagged.
+            link = links(ns)["kepttap"]
+            assert link["master"] == "br0" and not link.get("ifalias")
+    finally:
+        tun.close_all(fds)
 
 
 def test_a_non_socket_fd_with_bridge_helper_is_refused_and_closed(daemon: Daemon) -> None:

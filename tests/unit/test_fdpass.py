@@ -14,6 +14,7 @@ import socket
 from collections.abc import Iterator
 
 import pytest
+import trio
 
 from tapd import fdpass
 
@@ -188,3 +189,55 @@ async def test_async_send_and_receive(pipe_end: int) -> None:
             assert data == LINE
             assert [os.fstat(fd).st_ino for fd in received] == [inode] * 300
     assert open_fds() == before
+
+
+async def test_async_send_waits_for_a_slow_reader_and_recv_for_data(
+    pipe_end: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Neither side is ready at first: the receiver starts before anything
+    was sent, and the line (a megabyte, with 300 fds) is far more than the
+    socket buffers hold, so the sender meets EAGAIN and must wait for the
+    reader, which takes its time."""
+    waited: dict[str, int] = {"readable": 0, "writable": 0}
+    for kind in waited:
+        original = getattr(trio.lowlevel, f"wait_{kind}")
+
+        async def counted(sock: object, kind: str = kind, original: object = original) -> None:
+            waited[kind] += 1
+            await original(sock)  # type: ignore[operator]
+
+        monkeypatch.setattr(trio.lowlevel, f"wait_{kind}", counted)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    a.setblocking(False)
+    b.setblocking(False)
+    line = b'{"pad":"' + b"x" * (1 << 20) + b'"}\n'
+    received: list[int] = []
+    data = bytearray()
+    waits = 0
+
+    async def read_slowly() -> None:
+        nonlocal waits
+        while not data.endswith(b"\n"):
+            got = await fdpass.recv(b, 8192)
+            assert not got.truncated and got.data
+            received.extend(got.fds)
+            data.extend(got.data)
+            waits += 1
+            if waits % 16 == 0:
+                await trio.sleep(0.001)
+
+    with a, b, contextlib.ExitStack() as cleanup:
+        cleanup.callback(lambda: close_all(received))
+        sent = [os.dup(pipe_end) for _ in range(300)]
+        cleanup.callback(lambda: close_all(sent))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_slowly)
+            await trio.sleep(0.01)  # the reader is waiting on an empty socket
+            await fdpass.send_line(a, line, sent)
+        assert bytes(data) == line
+        assert len(received) == 300
+        assert waits > 100  # it really came in many pieces
+    # Both sides met EAGAIN and waited through trio, not by spinning.
+    assert waited["readable"] >= 1 and waited["writable"] >= 1, waited
