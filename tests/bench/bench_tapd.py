@@ -21,11 +21,11 @@ hits every contender alike:
 
 The cold start runs first, and each later phase starts once the kernel has
 finished with the last one's taps (quiesce()).  Every tap is held until its
-phase ends (a bridge takes 1023 ports, so taps
-spread over several bridges), and each phase with many taps runs in a
-namespace of its own that is deleted whole: the kernel tears down a
-namespace's devices in one batch, where closing 2,000 fds one by one would
-cost a minute of RCU grace periods.  Not collected by pytest.
+phase ends (a bridge takes 1023 ports, so taps spread over several
+bridges), and each phase with many taps runs in a namespace of its own that
+is deleted whole: the kernel tears down a namespace's devices in one batch,
+where closing 2,000 fds one by one would cost a minute of RCU grace periods.
+Not collected by pytest.
 """
 
 from __future__ import annotations
@@ -554,7 +554,7 @@ def main() -> int:
     # VM stays slower for a minute or two, past what quiesce() can see (the
     # cold start measured 0.59-0.72 s right after the lease phase, with the
     # CPUs idle and RTNL free; 0.41-0.54 s later on).
-    cold = cold_start(max(3, args.rounds))
+    cold = cold_start(max(3, 2 * args.rounds))
     with helper_acl():
         taps = per_tap(args.rounds, args.per_round)
         quiesce()
