@@ -107,7 +107,7 @@ def call(
         result = received
         received = []
         return reply, result
-    except (TimeoutError, BlockingIOError):  # BlockingIOError: a kernel timeout ran out
+    except BlockingIOError:  # EAGAIN: SO_SNDTIMEO or SO_RCVTIMEO ran out
         raise ClientError("timeout", f"tapd at {where} did not answer in time") from None
     finally:
         close_all(received)

@@ -172,7 +172,7 @@ class Lifecycle:
 
     async def reconcile(self) -> None:
         """Rebuild leases from the interfaces' tags; remove taps whose owner is gone."""
-        kept = removed = 0
+        kept = removed = forgotten = 0
         for index, name, alias in await self.worker.run(self.netlink.tagged_taps):
             lease = parse_tag(index, name, alias)
             if lease is None:
@@ -188,10 +188,10 @@ class Lifecycle:
                 # Not tapd's tap: forgotten, as when its owner exits while
                 # tapd runs, never removed.
                 await self._untag(lease)
-                removed += 1
+                forgotten += 1
                 continue
             self.registry.add(lease)  # so that its RTM_DELLINK ends it, downscript and all
             with contextlib.suppress(Exception):
                 await self.worker.run(self.netlink.delete, index)
             removed += 1
-        self.log.info("lease.reconciled", kept=kept, removed=removed)
+        self.log.info("lease.reconciled", kept=kept, removed=removed, forgotten=forgotten)

@@ -385,8 +385,7 @@ class Service:
                     what.script, script, made.ifname, self.config.programs.hook_timeout
                 )
             except BaseException:
-                with trio.CancelScope(shield=True):
-                    await self.worker.run(made.close)
+                await self._discard(made)
                 raise
             log.info("hook.script.complete", script=what.script, ifname=made.ifname)
         return self._grant(
@@ -414,10 +413,15 @@ class Service:
         try:
             self.maker.attach(made, bridge, spec)
         except BaseException:
-            with trio.CancelScope(shield=True):
-                await self.worker.run(made.close)
+            await self._discard(made)
             raise
         return made
+
+    async def _discard(self, made: MadeTap) -> None:
+        """Remove a tap that will not be granted, off the loop: the last
+        close of a queue waits for an RCU grace period."""
+        with trio.CancelScope(shield=True):
+            await self.worker.run(made.close)
 
     async def _adopt(
         self,

@@ -125,6 +125,8 @@ def test_an_adopted_tap_whose_owner_left_while_tapd_was_down_is_left_alone(
                 e["event"] == "lease.reconciled" for e in second.log()
             ), what="the restart's reconcile")  # fmt: skip
             assert second.leases() == []
+            (done,) = [e for e in second.log() if e["event"] == "lease.reconciled"]
+            assert (done["kept"], done["removed"], done["forgotten"]) == (0, 0, 1)
             # The client's tap: still there, still on its bridge, untagged.
             link = links(ns)["kepttap"]
             assert link["master"] == "br0" and not link.get("ifalias")
