@@ -29,7 +29,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_LINK
 
-from . import tun
+from . import log, tun
 from .errors import BridgeNotFound, NotABridge, kernel_error
 
 
@@ -170,9 +170,35 @@ class Netlink:
         cached = self.cached_bridge(name)
         if cached is not None:
             return cached
-        found, _ = self._lookup_bridge(name)
+        found, address = self._lookup_bridge(name)
+        self._pin_address(found, address)
         self._bridges[name] = found
         return found
+
+    def _pin_address(self, bridge: Bridge, address: str) -> None:
+        """Make the bridge's address its administrator's, at the value it has.
+
+        A bridge whose address was never set takes the lowest address among
+        its ports, again at every port change (net/bridge/br_stp_if.c:
+        br_stp_recalculate_bridge_id()), and a VM may set its tap's address to
+        anything through its fd (SIOCSIFHWADDR needs no privilege there): it
+        could take the host's address on the bridge.  An address set through
+        rtnetlink, even to the value it already has, is NET_ADDR_SET
+        (net/core/dev.c: dev_set_mac_address()), and the bridge then keeps it.
+        rtnetlink does not report addr_assign_type, so tapd sets it on every
+        bridge it looks up; once set, setting it again changes nothing.
+        """
+        body = _IFINFOMSG.pack(0, 0, bridge.index, 0, 0) + _nla(
+            IFLA_ADDRESS, bytes.fromhex(address.replace(":", ""))
+        )
+        err = self._request(RTM_NEWLINK, body)
+        if err == errno.ENODEV:
+            raise BridgeNotFound(f"bridge {bridge.name!r} went away while tapd looked it up")
+        if err:
+            raise kernel_error(
+                OSError(err, os.strerror(err)), f"fixing the address of bridge {bridge.name!r}"
+            )
+        log.get().info("bridge.address.pinned", bridge=bridge.name, address=address)
 
     def _lookup_bridge(self, name: str) -> tuple[Bridge, str]:
         try:

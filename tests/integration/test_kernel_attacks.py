@@ -235,3 +235,35 @@ def test_an_admins_ownerless_tap_taken_with_tunsetowner_is_not_adopted(
         assert after.get("master") == before.get("master")
         assert after["address"] == before["address"] and not after.get("ifalias")
         assert daemon.leases() == []
+
+
+# -- item 4: a VM takes the bridge's address ------------------------------------------
+
+# Get a tap on br0 from tapd (socket argv[3]) and set its address through the
+# fd to one below every other (SIOCSIFHWADDR on a tun fd needs no privilege).
+_ADDRESS_TAKER = r"""
+become()
+reply, fds = client.call({"op": "request", "br": "br0"}, path=sys.argv[3])
+SIOCSIFHWADDR, ARPHRD_ETHER = 0x8924, 1
+ifreq = struct.pack("16sH14s8x", b"", ARPHRD_ETHER, bytes([0, 0, 0, 0, 0, 1]))
+fcntl.ioctl(fds[0], SIOCSIFHWADDR, ifreq)
+say(ifname=reply["ifname"])
+sys.stdin.read()
+"""
+
+
+def test_a_vm_setting_its_tap_to_the_lowest_address_does_not_move_the_bridges(
+    ns: str, br0: str, tmp_path: Path, attackers: list[subprocess.Popen[str]]
+) -> None:
+    bridge_address = links(ns)["br0"]["address"]
+    config = f'[[allow]]\nusers = ["{NOBODY}"]\nbridges = ["br0"]\n'
+    with run_daemon(ns, tmp_path, config) as daemon:
+        _share(daemon)
+        vm = _start(ns, _ADDRESS_TAKER, NOBODY, daemon.socket_path)
+        attackers.append(vm)
+        ifname = _said(vm)["ifname"]
+        found = links(ns)
+        assert found[ifname]["address"] == "00:00:00:00:00:01"  # the VM could do that
+        assert found["br0"]["address"] == bridge_address
+        pinned = [e for e in daemon.log() if e["event"] == "bridge.address.pinned"]
+        assert [(e["bridge"], e["address"]) for e in pinned] == [("br0", bridge_address)]
