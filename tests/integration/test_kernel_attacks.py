@@ -267,3 +267,54 @@ def test_a_vm_setting_its_tap_to_the_lowest_address_does_not_move_the_bridges(
         assert found["br0"]["address"] == bridge_address
         pinned = [e for e in daemon.log() if e["event"] == "bridge.address.pinned"]
         assert [(e["bridge"], e["address"]) for e in pinned] == [("br0", bridge_address)]
+
+
+# -- item 7: names a client chooses ------------------------------------------------------
+
+# Ask tapd (socket argv[3]) for a tap named each of argv[5:], with the hook argv[4].
+_NAMER = r"""
+become()
+held = []
+for name in sys.argv[5:]:
+    request = {"op": "request", "br": "br0", "ifname": name, "script": sys.argv[4]}
+    try:
+        held.append(client.call(request, path=sys.argv[3])[1])
+        say(name=name, ok=True)
+    except client.ClientError as exc:
+        say(name=name, ok=False, code=exc.code, message=exc.message)
+sys.stdin.read()
+"""
+
+
+def test_an_option_as_ifname_or_a_name_outside_the_prefix_is_refused(
+    ns: str, br0: str, tmp_path: Path, attackers: list[subprocess.Popen[str]]
+) -> None:
+    ran = tmp_path / "ran"
+    hook = tmp_path / "ifup"
+    hook.write_text(f'#!/bin/sh\necho "$1" >> {ran}\n')
+    hook.chmod(0o755)
+    config = f"""
+[taps]
+ifname_prefix = "vm-"
+[programs]
+hooks = {{ ifup = "{hook}" }}
+[[allow]]
+users = ["{NOBODY}"]
+bridges = ["br0"]
+"""
+    names = ["--help", "-x", "eth1", "docker0", "vm-1"]
+    with run_daemon(ns, tmp_path, config) as daemon:
+        _share(daemon)
+        namer = _start(ns, _NAMER, NOBODY, daemon.socket_path, "ifup", *names)
+        attackers.append(namer)
+        said = {name: _said(namer) for name in names}
+        for name in ("--help", "-x"):
+            assert said[name]["code"] == "invalid-ifname", said[name]
+            assert "starts with '-'" in said[name]["message"]
+        for name in ("eth1", "docker0"):
+            assert said[name]["code"] == "denied", said[name]
+            assert "ifname_prefix" in said[name]["message"]
+        assert said["vm-1"]["ok"] is True, said["vm-1"]
+        # Only the granted name reached the admin's hook, and only it exists.
+        assert ran.read_text().split() == ["vm-1"]
+        assert set(links(ns)) == {"lo", "br0", "vm-1"}
