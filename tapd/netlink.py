@@ -17,6 +17,7 @@ import ctypes
 import dataclasses
 import errno
 import os
+import secrets
 import socket
 import struct
 import threading
@@ -82,6 +83,23 @@ class TapLink:
     master: int | None  # the index of the device it is a port of
     up: bool
     tun: TunInfo
+
+
+def pin_address(current: bytes, random: bytes) -> bytes:
+    """The address to pin a bridge at: the one it has, unless that is no
+    address a device may be set to (is_valid_ether_addr()).  A bridge whose
+    last port left has 00:00:00:00:00:00 (br_stp_recalculate_bridge_id()
+    falls back to br_mac_zero), and dev_set_mac_address() would pin even that,
+    since it skips the driver's check for an unchanged address; such a bridge
+    gets what a new one gets, a random local unicast address
+    (eth_random_addr(), from ``random``)."""
+    if any(current) and not current[0] & 0x01:
+        return current
+    return bytes([(random[0] & 0xFE) | 0x02]) + random[1:6]
+
+
+def _mac(raw: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in raw)
 
 
 def _oserror(exc: NetlinkError) -> OSError:
@@ -188,9 +206,9 @@ class Netlink:
         rtnetlink does not report addr_assign_type, so tapd sets it on every
         bridge it looks up; once set, setting it again changes nothing.
         """
-        body = _IFINFOMSG.pack(0, 0, bridge.index, 0, 0) + _nla(
-            IFLA_ADDRESS, bytes.fromhex(address.replace(":", ""))
-        )
+        current = bytes.fromhex(address.replace(":", ""))
+        pinned = pin_address(current, secrets.token_bytes(6))
+        body = _IFINFOMSG.pack(0, 0, bridge.index, 0, 0) + _nla(IFLA_ADDRESS, pinned)
         err = self._request(RTM_NEWLINK, body)
         if err == errno.ENODEV:
             raise BridgeNotFound(f"bridge {bridge.name!r} went away while tapd looked it up")
@@ -198,7 +216,12 @@ class Netlink:
             raise kernel_error(
                 OSError(err, os.strerror(err)), f"fixing the address of bridge {bridge.name!r}"
             )
-        log.get().info("bridge.address.pinned", bridge=bridge.name, address=address)
+        log.get().info(
+            "bridge.address.pinned",
+            bridge=bridge.name,
+            address=_mac(pinned),
+            was=None if pinned == current else address,
+        )
 
     def _lookup_bridge(self, name: str) -> tuple[Bridge, str]:
         try:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tapd.netlink import TapLink, TunInfo
+from tapd.netlink import TapLink, TunInfo, pin_address
 from tapd.taps import TapSpec, adoption_problem, intrusion
 
 MADE = TunInfo(owner=1000, group=None, persist=False, multi_queue=True, queues=4, disabled=0)
@@ -97,3 +97,21 @@ def test_tun_info_reads_what_tun_fill_info_reports() -> None:
         owner=1000, group=None, persist=False, multi_queue=True, queues=3, disabled=1
     )
     assert TunInfo.from_link(_Msg("bridge", {})) is None
+
+
+# -- the address a bridge is pinned at ------------------------------------------------
+
+RANDOM = bytes([0xFF, 1, 2, 3, 4, 5])
+
+
+@pytest.mark.parametrize("mac", ["32:02:f6:22:2b:9d", "fe:00:00:00:00:01", "00:00:00:00:00:01"])
+def test_a_bridge_keeps_the_address_it_has(mac: str) -> None:
+    current = bytes.fromhex(mac.replace(":", ""))
+    assert pin_address(current, RANDOM) == current
+
+
+@pytest.mark.parametrize("mac", ["00:00:00:00:00:00", "01:00:5e:00:00:01"])
+def test_a_bridge_without_a_usable_address_gets_a_random_local_unicast_one(mac: str) -> None:
+    pinned = pin_address(bytes.fromhex(mac.replace(":", "")), RANDOM)
+    # eth_random_addr(): multicast bit clear, locally administered bit set
+    assert pinned == bytes([0xFE, 1, 2, 3, 4, 5])
