@@ -112,8 +112,10 @@ def random_mac() -> str:
     """A locally administered unicast address whose first byte is 0xFE.
 
     A bridge takes the lowest address among its ports as its own unless it has
-    one set; 0xFE keeps a VM's tap from becoming that (as qemu-bridge-helper
-    does), and 0xFE has the local bit set and the multicast bit clear.
+    one set; 0xFE keeps the address tapd gives a tap from becoming that, and
+    has the local bit set and the multicast bit clear.  A VM can change it
+    through its fd, so that is not what protects the bridge: tapd pins the
+    bridge's own address (:meth:`tapd.netlink.Netlink.bridge`).
     """
     return "fe:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
 
