@@ -188,6 +188,35 @@ def test_an_outsider_racing_for_queues_never_holds_one_of_a_granted_tap(
     assert len(intruded) >= refused * 8
 
 
+_ASK = r"""
+become()
+reply, fds = client.call({"op": "request", "br": "br0", "queues": 4}, path=sys.argv[3])
+say(ifname=reply["ifname"], fds=len(fds))
+sys.stdin.read()
+"""
+
+
+def test_the_count_takes_tapds_own_owner_and_group_for_what_they_are(
+    ns: str, br0: str, tmp_path: Path, attackers: list[subprocess.Popen[str]]
+) -> None:
+    # Owner and group both come with the first queue; the count must find
+    # exactly them, or every multi-queue tap of a tap_group rule would be
+    # taken for an intruded one.
+    config = f'[[allow]]\nusers = ["{NOBODY}"]\nbridges = ["br0"]\ntap_group = "4300"\n'
+    with run_daemon(ns, tmp_path, config) as daemon:
+        _share(daemon)
+        asker = _start(ns, _ASK, NOBODY, daemon.socket_path)
+        attackers.append(asker)
+        said = _said(asker)
+        assert said["fds"] == 4
+        data = links(ns)[said["ifname"]]["linkinfo"]["info_data"]
+        assert (str(data["user"]), str(data["group"]), data["numqueues"]) in {
+            ("65534", "4300", 4),
+            ("nobody", "4300", 4),
+        }, data
+        assert not [e for e in daemon.log() if e["event"] == "tap.create.intruded"]
+
+
 # -- item 3: fd= adoption of an admin's tap -----------------------------------------
 
 # Attach to the admin's ownerless tap argv[3], make it our own with TUNSETOWNER
