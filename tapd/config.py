@@ -108,6 +108,19 @@ class TapsConfig(_Section):
     #: requester's uid.  At most 15 bytes once filled in.
     name_template: str = "tap{rand}"
     tun_device: str = TUN_PATH
+    #: what every ifname a client chooses must start with; None: any name
+    ifname_prefix: str | None = None
+
+    @field_validator("ifname_prefix")
+    @classmethod
+    def _prefix(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        # Some name must be left to start with it: the prefix plus one byte.
+        problem = ifname_problem(value + "0")
+        if problem:
+            raise ValueError(f"with one more character, {problem}")
+        return value
 
     @field_validator("name_template")
     @classmethod

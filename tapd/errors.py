@@ -178,6 +178,13 @@ class TunUnavailable(KernelError):
     code = "tun-unavailable"
 
 
+class TapIntruded(SystemFault):
+    """Another process attached a queue to every multi-queue tap tapd made for
+    the request, in the instant before it had an owner; tapd removed them."""
+
+    code = "tap-intruded"
+
+
 class VhostUnavailable(SystemFault):
     """vhostforce=on, and the vhost-net device could not be opened."""
 

@@ -7,9 +7,11 @@ Three ways, in this order of precedence:
    without retrying until the daemon is up);
 2. systemd socket activation: ``LISTEN_PID`` names us and ``LISTEN_FDS`` >= 1,
    the socket is fd 3 (sd_listen_fds(3));
-3. a path: bound under a temporary name, given its mode and group, and only
-   then renamed into place, so the socket never exists with the wrong
-   permissions and a stale socket file is replaced atomically.
+3. a path in a directory only root can write: bound in a private directory
+   of its own next to it, given its mode and group there, and only then
+   renamed into place, so the socket never exists with the wrong permissions,
+   a stale socket file is replaced atomically, and nobody can swap a symlink
+   in for tapd's chmod and chown to follow.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import grp
 import os
 import socket
 import stat
+import tempfile
 from dataclasses import dataclass
 
 #: sd_listen_fds(3): the first passed fd
@@ -130,25 +133,87 @@ def _refuse_if_live(path: str) -> None:
         probe.close()
 
 
+def directory_problem(mode: int, uid: int, euid: int, *, holds_socket: bool) -> str | None:
+    """Why a directory with this ``stat`` mode and owner may not hold tapd's
+    socket (``holds_socket``) or be above the one that does, or None.
+
+    Whoever can write a directory can rename tapd's socket (or a directory
+    on its path) away and put a symlink or a socket of their own in its
+    place; its owner can always make it writable.  A sticky directory (/tmp)
+    lets others add entries but not rename root's (fs/namei.c: may_delete(),
+    check_sticky()), so it may be above the socket's directory, not be it: there
+    anyone could bind a socket at the path before tapd does.
+    """
+    if uid not in (0, euid):
+        return f"it belongs to uid {uid}"
+    writable = mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if writable and (holds_socket or not mode & stat.S_ISVTX):
+        return f"it is writable by its group or by everyone (mode {stat.S_IMODE(mode):04o})"
+    return None
+
+
+def _trusted_directory(path: str) -> str:
+    """The real directory ``path`` is in, once it and every directory above
+    it are root's alone (see :func:`directory_problem`)."""
+    directory = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    euid = os.geteuid()
+    step = directory
+    while True:
+        try:
+            st = os.stat(step)
+        except OSError as exc:
+            raise ListenError(f"cannot use {path}: {step}: {exc.strerror}") from None
+        problem = directory_problem(st.st_mode, st.st_uid, euid, holds_socket=step == directory)
+        if problem:
+            raise ListenError(
+                f"refusing to listen on {path}: {step} is not root's alone ({problem}), "
+                "so another user could replace the socket or turn tapd's chmod onto "
+                "another file; put the socket in a directory only root can write, "
+                "such as /run"
+            )
+        if step == "/":
+            return directory
+        step = os.path.dirname(step)
+
+
 def at_path(path: str, mode: int = 0o660, group: str | None = None, backlog: int = 512) -> Listener:
     if len(os.fsencode(path)) > SUN_PATH_MAX:
         raise ListenError(f"socket path {path!r} is longer than {SUN_PATH_MAX} bytes")
-    _refuse_if_live(path)
+    name = os.path.basename(path)
+    if not name:
+        raise ListenError(f"socket path {path!r} names a directory, not a socket")
+    target = os.path.join(_trusted_directory(path), name)
+    _refuse_if_live(target)
     gid = _gid(group) if group is not None else -1
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
+    # Made 0700 by mkdtemp, in a directory only root writes: nobody else can
+    # reach the socket until it is renamed into place, with its mode and group.
+    try:
+        private = tempfile.mkdtemp(prefix=".tapd-", dir=os.path.dirname(target))
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {path}: {exc.strerror}") from None
+    tmp = os.path.join(private, "s")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
+        if len(os.fsencode(tmp)) > SUN_PATH_MAX:
+            raise ListenError(
+                f"the socket's temporary path {tmp!r} is longer than {SUN_PATH_MAX} bytes; "
+                "use a shorter directory"
+            )
         sock.bind(tmp)
         os.chmod(tmp, mode)
         if gid != -1:
             os.chown(tmp, -1, gid)
         sock.listen(backlog)
-        os.rename(tmp, path)
+        os.rename(tmp, target)
     except OSError as exc:
         sock.close()
+        raise ListenError(f"cannot listen on {path}: {exc.strerror}") from None
+    except BaseException:
+        sock.close()
+        raise
+    finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise ListenError(f"cannot listen on {path}: {exc.strerror}") from None
-    return Listener(sock=sock, source="path", path=path, inode=os.lstat(path).st_ino)
+        with contextlib.suppress(OSError):
+            os.rmdir(private)
+    return Listener(sock=sock, source="path", path=target, inode=os.lstat(target).st_ino)

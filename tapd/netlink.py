@@ -17,18 +17,20 @@ import ctypes
 import dataclasses
 import errno
 import os
+import secrets
 import socket
 import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_LINK
 
-from . import tun
+from . import log, tun
 from .errors import BridgeNotFound, NotABridge, kernel_error
 
 
@@ -37,6 +39,67 @@ class Bridge:
     name: str
     index: int
     mtu: int
+
+
+@dataclass(frozen=True)
+class TunInfo:
+    """A tun/tap device as rtnetlink reports it: IFLA_INFO_DATA of kind "tun"
+    (drivers/net/tun.c: tun_fill_info())."""
+
+    owner: int | None  # TUNSETOWNER's uid; None: no owner
+    group: int | None  # TUNSETGROUP's gid; None: no group
+    persist: bool
+    multi_queue: bool
+    queues: int  # queues attached (IFLA_TUN_NUM_QUEUES)
+    disabled: int  # queues detached with TUNSETQUEUE: still held, still the device's
+
+    @classmethod
+    def from_link(cls, msg: Any) -> TunInfo | None:
+        """From a pyroute2 link message; None when it is not a tun device."""
+        if msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") != "tun":
+            return None
+        data = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
+
+        def attr(name: str) -> int | None:
+            value = data.get(name) if data else None
+            return None if value is None else int(value)
+
+        # tun_fill_info() leaves out IFLA_TUN_OWNER/GROUP when none is set.
+        return cls(
+            owner=attr("IFLA_TUN_OWNER"),
+            group=attr("IFLA_TUN_GROUP"),
+            persist=bool(attr("IFLA_TUN_PERSIST")),
+            multi_queue=bool(attr("IFLA_TUN_MULTI_QUEUE")),
+            queues=attr("IFLA_TUN_NUM_QUEUES") or 0,
+            disabled=attr("IFLA_TUN_NUM_DISABLED_QUEUES") or 0,
+        )
+
+
+@dataclass(frozen=True)
+class TapLink:
+    """Where a tap stands on the host: its tun facts, its master, up or not."""
+
+    name: str
+    master: int | None  # the index of the device it is a port of
+    up: bool
+    tun: TunInfo
+
+
+def pin_address(current: bytes, random: bytes) -> bytes:
+    """The address to pin a bridge at: the one it has, unless that is no
+    address a device may be set to (is_valid_ether_addr()).  A bridge whose
+    last port left has 00:00:00:00:00:00 (br_stp_recalculate_bridge_id()
+    falls back to br_mac_zero), and dev_set_mac_address() would pin even that,
+    since it skips the driver's check for an unchanged address; such a bridge
+    gets what a new one gets, a random local unicast address
+    (eth_random_addr(), from ``random``)."""
+    if any(current) and not current[0] & 0x01:
+        return current
+    return bytes([(random[0] & 0xFE) | 0x02]) + random[1:6]
+
+
+def _mac(raw: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in raw)
 
 
 def _oserror(exc: NetlinkError) -> OSError:
@@ -125,11 +188,42 @@ class Netlink:
         cached = self.cached_bridge(name)
         if cached is not None:
             return cached
-        found = self._lookup_bridge(name)
+        found, address = self._lookup_bridge(name)
+        self._pin_address(found, address)
         self._bridges[name] = found
         return found
 
-    def _lookup_bridge(self, name: str) -> Bridge:
+    def _pin_address(self, bridge: Bridge, address: str) -> None:
+        """Make the bridge's address its administrator's, at the value it has.
+
+        A bridge whose address was never set takes the lowest address among
+        its ports, again at every port change (net/bridge/br_stp_if.c:
+        br_stp_recalculate_bridge_id()), and a VM may set its tap's address to
+        anything through its fd (SIOCSIFHWADDR needs no privilege there): it
+        could take the host's address on the bridge.  An address set through
+        rtnetlink, even to the value it already has, is NET_ADDR_SET
+        (net/core/dev.c: dev_set_mac_address()), and the bridge then keeps it.
+        rtnetlink does not report addr_assign_type, so tapd sets it on every
+        bridge it looks up; once set, setting it again changes nothing.
+        """
+        current = bytes.fromhex(address.replace(":", ""))
+        pinned = pin_address(current, secrets.token_bytes(6))
+        body = _IFINFOMSG.pack(0, 0, bridge.index, 0, 0) + _nla(IFLA_ADDRESS, pinned)
+        err = self._request(RTM_NEWLINK, body)
+        if err == errno.ENODEV:
+            raise BridgeNotFound(f"bridge {bridge.name!r} went away while tapd looked it up")
+        if err:
+            raise kernel_error(
+                OSError(err, os.strerror(err)), f"fixing the address of bridge {bridge.name!r}"
+            )
+        log.get().info(
+            "bridge.address.pinned",
+            bridge=bridge.name,
+            address=_mac(pinned),
+            was=None if pinned == current else address,
+        )
+
+    def _lookup_bridge(self, name: str) -> tuple[Bridge, str]:
         try:
             (msg,) = self._ip.link("get", ifname=name)
         except NetlinkError as exc:
@@ -145,7 +239,8 @@ class Netlink:
                 f"interface {name!r} is a {kind or 'plain'} device, not a bridge; "
                 "name a Linux bridge in br="
             )
-        return Bridge(name=name, index=int(msg["index"]), mtu=int(msg.get("IFLA_MTU")))
+        bridge = Bridge(name=name, index=int(msg["index"]), mtu=int(msg.get("IFLA_MTU")))
+        return bridge, str(msg.get("IFLA_ADDRESS"))
 
     def join_bridge(
         self, index: int, name: str, bridge: Bridge, mac: str, alias: str | None = None
@@ -244,15 +339,38 @@ class Netlink:
             raise kernel_error(_oserror(exc), f"removing interface {index}") from None
         return True
 
-    def tap_owner(self, index: int) -> int | None:
-        """The uid a tap belongs to (TUNSETOWNER), or None if it has none."""
+    def _link(self, index: int) -> Any | None:
+        """pyroute2's message for interface ``index``, or None if there is none."""
         try:
             (msg,) = self._ip.link("get", index=index)
         except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return None
             raise kernel_error(_oserror(exc), f"looking up interface {index}") from None
-        data = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
-        owner = data.get("IFLA_TUN_OWNER") if data else None
-        return None if owner is None else int(owner)
+        return msg
+
+    def tun_info(self, index: int) -> TunInfo | None:
+        """What the kernel says about tun/tap device ``index``; None when there
+        is no such interface or it is not a tun device."""
+        msg = self._link(index)
+        return None if msg is None else TunInfo.from_link(msg)
+
+    def tap_link(self, index: int) -> TapLink | None:
+        """:meth:`tun_info` with the tap's name, master and up flag, from one
+        lookup."""
+        msg = self._link(index)
+        if msg is None:
+            return None
+        info = TunInfo.from_link(msg)
+        if info is None:
+            return None
+        master = msg.get("IFLA_MASTER")
+        return TapLink(
+            name=str(msg.get("IFLA_IFNAME")),
+            master=None if master is None else int(master),
+            up=bool(msg["flags"] & IFF_UP),
+            tun=info,
+        )
 
     def tagged_taps(self) -> list[tuple[int, str, str]]:
         """(index, name, alias) of every tun/tap device that has an alias."""

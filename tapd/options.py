@@ -33,6 +33,10 @@ def ifname_problem(name: str) -> str | None:
         )
     if name in (".", ".."):
         return f"{name!r} is not a valid interface name"
+    if name.startswith("-"):
+        # The name is the argument of the admin's hooks (QEMU runs a script
+        # as `SCRIPT IFNAME`): "--help" would be read as an option.
+        return f"{name!r} starts with '-', which programs given it would take for an option"
     if not _IFNAME.fullmatch(name):
         return (
             f"{name!r} has characters an interface name may not use here; "
@@ -227,8 +231,9 @@ def _fd_names(key: str, value: str) -> tuple[str, ...]:
     return names
 
 
-def plan(opts: TapOptions) -> Plan:
-    """Judge a request as QEMU would, then say what tapd will do for it."""
+def plan(opts: TapOptions, ifname_prefix: str | None = None) -> Plan:
+    """Judge a request as QEMU would, then say what tapd will do for it.
+    A client-chosen ``ifname`` must start with ``ifname_prefix`` if given."""
     check_qemu_rules(opts)
     vhost = _vhost(opts)
     if opts.fd is not None:
@@ -261,6 +266,14 @@ def plan(opts: TapOptions) -> Plan:
         problem = ifname_problem(opts.ifname)
         if problem:
             raise InvalidIfname(f"ifname: {problem}")
+        if ifname_prefix is not None and not opts.ifname.startswith(ifname_prefix):
+            # So that a client cannot take a name the admin means to give
+            # something else (docker0, wg0, eth1) before it exists.
+            raise Denied(
+                f"ifname: {opts.ifname!r} does not start with {ifname_prefix!r}, which "
+                "the administrator requires of the names clients choose "
+                "([taps] ifname_prefix); choose such a name or leave ifname out"
+            )
     queues = 1 if opts.queues is None else opts.queues
     if not 1 <= queues <= MAX_TAP_QUEUES:
         raise InvalidValue(

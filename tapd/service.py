@@ -208,7 +208,8 @@ class Service:
     async def handle(self, peer: Peer, request: Request, fds_in: list[int], log: Any) -> Grant:
         """Carry out ``request``.  ``fds_in`` stay the caller's to close."""
         if isinstance(request, TapRequest):
-            return await self._request(peer, plan(request), fds_in, log, _Owner.of_peer(peer))
+            what = plan(request, self.config.taps.ifname_prefix)
+            return await self._request(peer, what, fds_in, log, _Owner.of_peer(peer))
         if isinstance(request, BridgeHelperRequest):
             # QEMU's bridge helper protocol: a tap on br (default br0), no other
             # options; the lease belongs to the QEMU that ran the helper.

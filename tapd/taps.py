@@ -12,22 +12,24 @@ against a fake as well as against the real kernel.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import secrets
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from . import tun
+from . import log, tun
 from .errors import (
     Denied,
     IfnameTaken,
     InvalidOptions,
     KernelError,
     NotATap,
+    TapIntruded,
     Unsupported,
     VhostUnavailable,
 )
-from .netlink import Bridge, Netlink
+from .netlink import Bridge, Netlink, TapLink, TunInfo
 
 
 @dataclass(frozen=True)
@@ -110,8 +112,10 @@ def random_mac() -> str:
     """A locally administered unicast address whose first byte is 0xFE.
 
     A bridge takes the lowest address among its ports as its own unless it has
-    one set; 0xFE keeps a VM's tap from becoming that (as qemu-bridge-helper
-    does), and 0xFE has the local bit set and the multicast bit clear.
+    one set; 0xFE keeps the address tapd gives a tap from becoming that, and
+    has the local bit set and the multicast bit clear.  A VM can change it
+    through its fd, so that is not what protects the bridge: tapd pins the
+    bridge's own address (:meth:`tapd.netlink.Netlink.bridge`).
     """
     return "fe:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
 
@@ -132,6 +136,65 @@ def _made(name: str, fds: list[int], vnet_hdr: bool, bridge: Bridge) -> MadeTap:
 
 #: how often to draw a new name when a generated one is already taken
 _NAME_ATTEMPTS = 16
+#: how many multi-queue taps to make for one request while others attach to them
+_INTRUSION_ATTEMPTS = 8
+
+
+def intrusion(info: TunInfo | None, spec: TapSpec) -> str | None:
+    """Why the multi-queue tap just made for ``spec`` may hold a queue of
+    someone else's, or None when the kernel reports exactly what tapd made."""
+    if info is None:
+        return "it is gone, or is no tap any more"
+    held = info.queues + info.disabled
+    if held != spec.queues:
+        return (
+            f"it holds {held} queues ({info.queues} attached, {info.disabled} disabled) "
+            f"where tapd made {spec.queues}"
+        )
+    if (info.owner, info.group) != (spec.owner_uid, spec.owner_gid):
+        return (
+            f"its owner is uid {info.owner}, group {info.group} where tapd set "
+            f"uid {spec.owner_uid}, group {spec.owner_gid}"
+        )
+    if info.persist:
+        return "it was made persistent"
+    return None
+
+
+def adoption_problem(name: str, link: TapLink | None, uid: int) -> str | None:
+    """Why a non-root client may not have tap ``name`` adopted, or None.
+
+    tapd may only adopt a tap it could have watched its requester create: a
+    VMM (or its manager) makes a tap with TUNSETIFF and passes it on at once,
+    so it is down, nobody's port, not persistent, and TUNSETOWNER'd to the
+    requester.  Owning it proves nothing by itself: anyone may attach to a tap
+    without owner or group and then TUNSETOWNER it to themselves (tun_set_iff(),
+    tun_not_capable(); TUNSETOWNER checks nothing more), as with an admin's
+    `ip tuntap add` without `user`.  Such a tap is persistent, and one in use
+    is up or a port: neither a master nor IFF_UP can be taken away without
+    CAP_NET_ADMIN.  A client that attached could clear IFF_PERSIST, but then
+    the tap is one nobody configured, which the kernel lets it have anyway.
+    """
+    if link is None:
+        return f"tap {name!r} vanished while tapd checked it"
+    owner = link.tun.owner
+    if owner != uid:
+        return (
+            f"tap {name!r} is not yours (its owner is "
+            f"{'nobody' if owner is None else f'uid {owner}'}); set TUNSETOWNER "
+            "on the taps you make before handing them to tapd"
+        )
+    made_here = "tapd adopts only a tap fresh from its maker's TUNSETIFF"
+    if link.master is not None:
+        return f"tap {name!r} is already a port of another interface; {made_here}"
+    if link.up:
+        return f"tap {name!r} is up already; {made_here}"
+    if link.tun.persist:
+        return (
+            f"tap {name!r} is persistent (made by ip tuntap add or kept with "
+            f"TUNSETPERSIST), so tapd cannot tell who made it; {made_here}"
+        )
+    return None
 
 
 class KernelTaps:
@@ -161,21 +224,55 @@ class KernelTaps:
             raise Unsupported(
                 "multiqueue required, but no kernel support for IFF_MULTI_QUEUE available"
             )
+        if spec.queues == 1:
+            # tun_attach() refuses a second queue on a single-queue device
+            # (EBUSY), so nobody can have slipped in: nothing to count.
+            return self._create_named(spec, vnet_hdr)
+        # A multi-queue device has no owner from its first TUNSETIFF until the
+        # TUNSETOWNER right after it, and rtnetlink announces its name to any
+        # listener: a queue attached in that instant would stay, reading and
+        # sending the VM's traffic.  So count what the kernel says the device
+        # holds; on a surplus remove it by index (the intruder's queue would
+        # keep it alive after ours are closed) and make another.
+        for _ in range(_INTRUSION_ATTEMPTS):
+            name, fds = self._create_named(spec, vnet_hdr)
+            try:
+                index = tun.ifindex(name)
+                problem = intrusion(self.netlink.tun_info(index), spec)
+                if problem is not None:
+                    log.get().warning("tap.create.intruded", ifname=name, problem=problem)
+                    self.netlink.delete(index)
+            except BaseException:
+                tun.close_all(fds)
+                raise
+            if problem is None:
+                return name, fds
+            tun.close_all(fds)
+        raise TapIntruded(
+            f"another process attached to each of the {_INTRUSION_ATTEMPTS} taps tapd made "
+            "for this request while it was being made; tapd removed them (see its log)"
+        )
+
+    def _create_named(self, spec: TapSpec, vnet_hdr: bool) -> tuple[str, list[int]]:
+        """The tap's queues under the request's name, or a free name from the
+        template; its owner and group set on its first queue."""
+        create = functools.partial(
+            tun.create_tap,
+            queues=spec.queues,
+            vnet_hdr=vnet_hdr,
+            path=self.tun_device,
+            owner_uid=spec.owner_uid,
+            owner_gid=spec.owner_gid,
+        )
         if spec.ifname is not None:
-            fds = tun.create_tap(
-                spec.ifname, queues=spec.queues, vnet_hdr=vnet_hdr, path=self.tun_device
-            )
-            return spec.ifname, fds
+            return spec.ifname, create(spec.ifname)
         uid = spec.owner_uid if spec.owner_uid is not None else 0
         for _ in range(_NAME_ATTEMPTS):
             name = spec.name_template.format(rand=secrets.token_hex(4), uid=uid)
             try:
-                fds = tun.create_tap(
-                    name, queues=spec.queues, vnet_hdr=vnet_hdr, path=self.tun_device
-                )
+                return name, create(name)
             except IfnameTaken:
                 continue
-            return name, fds
         raise KernelError(
             f"could not find a free interface name from template {spec.name_template!r}"
         )
@@ -189,8 +286,10 @@ class KernelTaps:
         return self.netlink.bridge(name)
 
     def create(self, spec: TapSpec, bridge: Bridge) -> MadeTap:
-        """The tap's queues, not yet prepared or attached.  No pyroute2 and no
-        waits but the kernel's own (RTNL): the trio loop may call it."""
+        """The tap's queues, not yet prepared or attached.  For a single-queue
+        tap no pyroute2 and no waits but the kernel's own (RTNL): the trio loop
+        may call it.  A multi-queue tap is counted through pyroute2: only the
+        worker thread makes those."""
         vnet_hdr = self._vnet_hdr(spec.vnet_hdr)
         name, fds = self._create(spec, vnet_hdr)
         return _made(name, fds, vnet_hdr, bridge)
@@ -246,16 +345,12 @@ class KernelTaps:
         if index in spec.leased:
             raise Denied(f"tap {name!r} already has a lease; it cannot be adopted again")
         if spec.require_owner is not None:
-            # Anyone may TUNSETIFF-attach to a tap that has no owner and no
-            # group: holding an fd proves nothing.  Only a tap the kernel says
-            # is the requester's own may be moved, re-addressed and leased.
-            owner = self.netlink.tap_owner(index)
-            if owner != spec.require_owner:
-                raise Denied(
-                    f"tap {name!r} is not yours (its owner is "
-                    f"{'nobody' if owner is None else f'uid {owner}'}); set TUNSETOWNER "
-                    "on the taps you make before handing them to tapd"
-                )
+            # Holding an fd proves nothing (see adoption_problem): only a tap
+            # its requester could just have made may be moved, re-addressed
+            # and leased.
+            problem = adoption_problem(name, self.netlink.tap_link(index), spec.require_owner)
+            if problem is not None:
+                raise Denied(problem)
         bridge = self.netlink.bridge(spec.bridge)
         made = _made(name, list(spec.fds), infos[0].vnet_hdr, bridge)
         try:
@@ -267,14 +362,19 @@ class KernelTaps:
 
     def _attach(self, made: MadeTap, bridge: Bridge, spec: TapSpec | AdoptSpec) -> None:
         """Prepare the queues, open vhost fds, then tag, attach and bring up."""
-        self._prepare(made, spec.sndbuf, spec.owner_uid, spec.owner_gid)
+        self._prepare(made, spec.sndbuf)
+        if isinstance(spec, AdoptSpec):
+            # A tap tapd made has its owner from its first queue (create_tap).
+            # Ownership is per device: one queue's fd is enough.
+            if spec.owner_uid is not None:
+                tun.set_owner(made.fds[0], spec.owner_uid)
+            if spec.owner_gid is not None:
+                tun.set_group(made.fds[0], spec.owner_gid)
         self._open_vhost(made, spec.vhost)
         made.ifindex = tun.ifindex(made.ifname)
         self.netlink.join_bridge(made.ifindex, made.ifname, bridge, made.mac, spec.alias)
 
-    def _prepare(
-        self, made: MadeTap, sndbuf: int | None, owner_uid: int | None, owner_gid: int | None
-    ) -> None:
+    def _prepare(self, made: MadeTap, sndbuf: int | None) -> None:
         # As QEMU's net_tap_fd_init() + tap_set_sndbuf() do for every queue:
         # offloads off until the guest negotiates them, the virtio-net header
         # length reset (another user may have changed it), and the send buffer
@@ -293,11 +393,6 @@ class KernelTaps:
                 if sndbuf is not None:  # QEMU: an error only when sndbuf= was given
                     raise
         made.sndbuf = tun.get_sndbuf(made.fds[0])
-        # Ownership is per device: one queue's fd is enough.
-        if owner_uid is not None:
-            tun.set_owner(made.fds[0], owner_uid)
-        if owner_gid is not None:
-            tun.set_group(made.fds[0], owner_gid)
 
     def _open_vhost(self, made: MadeTap, vhost: VhostSpec | None) -> None:
         """One vhost fd per queue (net_init_tap_one() opens one per queue)."""

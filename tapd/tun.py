@@ -136,14 +136,23 @@ def create_tap(
     queues: int = 1,
     vnet_hdr: bool = True,
     path: str = TUN_PATH,
+    owner_uid: int | None = None,
+    owner_gid: int | None = None,
 ) -> list[int]:
     """Create tap ``name`` with ``queues`` queue fds and return them.
 
     The first ``TUNSETIFF`` carries ``IFF_TUN_EXCL``: without it the kernel
     would *attach* to an existing device of that name instead of failing
-    (drivers/net/tun.c: tun_set_iff).  Later queues attach to the device this
-    call just made.  On any failure every fd opened so far is closed, which
-    removes the (non-persistent) device with it.
+    (drivers/net/tun.c: tun_set_iff).  The owner and group are set on that
+    first queue, before any other is attached: tun_set_iff() lets anyone
+    attach a queue to a device that has neither (tun_not_capable()), and a
+    queue attached then keeps working after TUNSETOWNER.  The instant between
+    the first TUNSETIFF and TUNSETOWNER cannot be closed (TUNSETOWNER needs an
+    attached queue), so whoever makes a multi-queue tap must still count its
+    queues (see :meth:`tapd.taps.KernelTaps`); a single-queue tap refuses a
+    second queue with EBUSY (tun_attach()).  Later queues attach to the device
+    this call just made.  On any failure every fd opened so far is closed,
+    which removes the (non-persistent) device with it.
     """
     flags = IFF_TAP | IFF_NO_PI
     if vnet_hdr:
@@ -164,6 +173,11 @@ def create_tap(
                         "choose another ifname or leave it out"
                     ) from None
                 raise kernel_error(exc, f"creating queue {queue} of tap {name!r}") from None
+            if queue == 0:
+                if owner_uid is not None:
+                    set_owner(fd, owner_uid)
+                if owner_gid is not None:
+                    set_group(fd, owner_gid)
     except BaseException:
         close_all(fds)
         raise

@@ -8,6 +8,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,6 +62,8 @@ def test_socket_path_mode_and_clean_stop(ns: str, br0: str, sockdir: Path) -> No
         st = os.stat(path)
         assert stat.S_ISSOCK(st.st_mode)
         assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_gid == 0
+        # The private directory it was made in is gone.
+        assert sorted(os.listdir(sockdir)) == ["log", "tapd.sock", "tapd.toml"]
         grant = client.request_tap(path=path, br=br0)
     finally:
         assert _stop(proc) == 0
@@ -106,6 +109,108 @@ def test_a_live_socket_or_a_plain_file_is_never_replaced(ns: str, sockdir: Path)
         assert os.path.exists(live)
     finally:
         listener.close()
+
+
+NOBODY = 65534
+
+
+def _refused(ns: str, path: str, needle: str) -> None:
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns, *daemon_argv("--socket", path)],
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError(f"tapd listened on {path}") from None
+    assert proc.returncode == 2, err
+    assert needle in err and "only root can write" in err, err
+
+
+@pytest.mark.parametrize(
+    ("mode", "uid", "says"),
+    [
+        (0o1777, 0, "writable by its group or by everyone (mode 1777)"),  # /tmp itself
+        (0o775, 0, "writable by its group"),
+        (0o755, NOBODY, f"belongs to uid {NOBODY}"),
+    ],
+)
+def test_a_socket_directory_others_can_write_is_refused(
+    ns: str, sockdir: Path, mode: int, uid: int, says: str
+) -> None:
+    shared = sockdir / "shared"
+    shared.mkdir()
+    os.chown(shared, uid, -1)
+    shared.chmod(mode)
+    _refused(ns, str(shared / "tapd.sock"), says)
+    assert os.listdir(shared) == []
+
+
+def test_a_directory_under_a_sticky_one_is_fine(ns: str, sockdir: Path) -> None:
+    # /tmp/DIR: others may add to /tmp, not rename root's DIR.
+    sockdir.chmod(0o1777)
+    (sockdir / "own").mkdir(mode=0o755)
+    path = str(sockdir / "own" / "tapd.sock")
+    log = sockdir / "log"
+    proc = _start(ns, "--socket", path, log=log)
+    try:
+        assert _hello_when_up(path, proc, log)["ok"] is True
+    finally:
+        assert _stop(proc) == 0
+
+
+#: as uid NOBODY, in its own directory: swap every file tapd makes for a
+#: symlink to argv[2], so that tapd's chmod and rename would follow it
+_SWAPPER = r"""
+import os, sys, time
+os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)
+where, victim, swapped = sys.argv[1], sys.argv[2], 0
+deadline = time.monotonic() + 20
+print("ready", flush=True)
+while time.monotonic() < deadline:
+    for name in os.listdir(where):
+        path = os.path.join(where, name)
+        if name.startswith("away") or os.path.islink(path):
+            continue
+        try:
+            os.rename(path, os.path.join(where, f"away{swapped}"))
+            os.symlink(victim, path)
+            swapped += 1
+        except OSError:
+            pass
+"""
+
+
+def test_a_symlink_swapped_in_by_another_uid_cannot_redirect_the_chmod(
+    ns: str, sockdir: Path
+) -> None:
+    victim = sockdir / "victim"
+    victim.write_text("root's")
+    victim.chmod(0o600)
+    sockdir.chmod(0o755)
+    theirs = sockdir / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)
+    swapper = subprocess.Popen(
+        [sys.executable, "-c", _SWAPPER, str(theirs), str(victim)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
+    try:
+        assert swapper.stdout is not None and swapper.stdout.readline() == "ready\n"
+        _refused(ns, str(theirs / "tapd.sock"), f"belongs to uid {NOBODY}")
+    finally:
+        swapper.kill()
+        swapper.wait()
+        if swapper.stdout is not None:
+            swapper.stdout.close()
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o600
+    assert not any(stat.S_ISSOCK(p.lstat().st_mode) for p in theirs.iterdir())
 
 
 def test_listen_fd_refuses_what_is_not_a_listening_unix_socket(ns: str) -> None:

@@ -262,3 +262,20 @@ def test_parse_error_names_the_given_path() -> None:
     with pytest.raises(ConfigError) as caught:
         config.parse("bogus = 1\n", "/etc/tapd/tapd.toml")
     assert str(caught.value).startswith("/etc/tapd/tapd.toml: bogus:")
+
+
+# -- ifname_prefix ------------------------------------------------------------------
+
+
+def test_ifname_prefix_is_unset_by_default() -> None:
+    assert config.parse("").taps.ifname_prefix is None
+    assert config.parse('[taps]\nifname_prefix = "vm-"\n').taps.ifname_prefix == "vm-"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "says"),
+    [("-vm", "'-'"), ("a" * 15, "bytes"), ("vm 1", "characters"), ("vm/", "characters")],
+)
+def test_an_ifname_prefix_no_name_could_start_with_is_refused(prefix: str, says: str) -> None:
+    problem = only_problem(f'[taps]\nifname_prefix = "{prefix}"\n')
+    assert problem.startswith("taps.ifname_prefix:") and says in problem, problem

@@ -110,6 +110,9 @@ def test_too_long_counts_bytes_not_characters(name: str, size: int) -> None:
         "é",
         "tap\u00a0",
         "ta\u0440",  # non-ASCII (the last is Cyrillic "er")
+        "-",
+        "-x",
+        "--help",  # an option to the admin's hook, which is run as HOOK IFNAME
     ],
 )
 def test_refused_characters_name_the_offending_name(name: str) -> None:
@@ -305,12 +308,32 @@ def test_bridge_name_is_validated(br: str, fields: dict[str, object]) -> None:
     assert caught.value.message.startswith("br:")
 
 
-@pytest.mark.parametrize("ifname", ["", "a" * 16, "tap/0", "tap:0", ".", "tap%d", "tap\u00e9"])
+@pytest.mark.parametrize(
+    "ifname", ["", "a" * 16, "tap/0", "tap:0", ".", "tap%d", "tap\u00e9", "-x", "--help"]
+)
 def test_ifname_is_validated(ifname: str) -> None:
     with pytest.raises(errors.InvalidIfname) as caught:
         plan(opts(br="br0", ifname=ifname))
     assert caught.value.code == "invalid-ifname"
     assert caught.value.message.startswith("ifname:")
+
+
+@pytest.mark.parametrize("ifname", ["eth1", "docker0", "wg0", "vm", "xvm-1"])
+def test_a_client_chosen_name_outside_the_admins_prefix_is_denied(ifname: str) -> None:
+    with pytest.raises(errors.Denied) as caught:
+        plan(opts(br="br0", ifname=ifname), ifname_prefix="vm-")
+    assert caught.value.code == "denied"
+    assert caught.value.message.startswith("ifname:")
+    assert repr(ifname) in caught.value.message and "ifname_prefix" in caught.value.message
+
+
+def test_the_prefix_binds_only_names_clients_choose() -> None:
+    made = plan(opts(br="br0", ifname="vm-1"), ifname_prefix="vm-")
+    assert isinstance(made, CreatePlan) and made.ifname == "vm-1"
+    assert isinstance(plan(opts(br="br0"), ifname_prefix="vm-"), CreatePlan)
+    # A bad name is told so first, whatever the prefix.
+    with pytest.raises(errors.InvalidIfname):
+        plan(opts(br="br0", ifname="-vm"), ifname_prefix="vm-")
 
 
 @pytest.mark.parametrize("field", ["br", "ifname"])
