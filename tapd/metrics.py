@@ -61,8 +61,8 @@ class Recorder:
         self.seconds: dict[tuple[str, str], float] = {}
         #: (error code, errno name) -> failed syscalls behind a reply
         self.kernel_errors: Counter[tuple[str, str]] = Counter()
-        #: every bridge that ever had a lease: it stays in the gauge at 0
-        #: rather than vanishing from graphs when its last lease ends
+        #: every bridge a scrape has seen with leases: it stays in the gauge
+        #: at 0 rather than vanishing from graphs when its last lease ends
         self._bridges: set[str] = set()
 
     def request(
