@@ -2,12 +2,12 @@
 Prometheus text only when someone asks (the ``metrics`` op).
 
 Recording sits on the request path, where a grant costs about 1.2 ms end to
-end, so it is a few dict increments and one :func:`bisect.bisect_left`: a
-couple of microseconds (``tests/bench/bench_metrics.py`` measures it).  The
-exposition format is prometheus_client's, but importing it costs ~40 ms, so
-neither tapd's cold start nor a request pays for it: :func:`render` imports
-it the first time a scrape needs it, off the trio loop, and feeds it a
-:class:`Snapshot` through a custom collector.
+end, so it is a few dict increments and one :func:`bisect.bisect_left`:
+under a microsecond (``tests/bench/bench_metrics.py`` measures it).  The
+exposition format is prometheus_client's, but importing it costs 15-40 ms,
+so neither tapd's cold start nor a request pays for it: :func:`render`
+imports it the first time a scrape needs it, off the trio loop, and feeds it
+a :class:`Snapshot` through a custom collector.
 
 Every label value comes from a bounded set - ops, outcomes, error codes, the
 names of the configuration's rules, errno names, bridges that exist - never
