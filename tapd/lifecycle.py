@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import Counter
 from typing import Any
 
 import trio
@@ -33,6 +34,8 @@ class Lifecycle:
         self.log = logging.get()
         self._watches: dict[int, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
+        #: what reconcile() found, for the metrics: restored, removed, forgotten
+        self.reconciled: Counter[str] = Counter()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -195,3 +198,4 @@ class Lifecycle:
                 await self.worker.run(self.netlink.delete, index)
             removed += 1
         self.log.info("lease.reconciled", kept=kept, removed=removed, forgotten=forgotten)
+        self.reconciled.update(restored=kept, removed=removed, forgotten=forgotten)

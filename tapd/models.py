@@ -105,8 +105,20 @@ class StatusRequest(_Frozen):
     op: Literal["status"]
 
 
+class MetricsRequest(_Frozen):
+    """``{"op": "metrics"}``: tapd's numbers as Prometheus text (root only)."""
+
+    op: Literal["metrics"]
+
+
 Request = (
-    HelloRequest | TapRequest | BridgeHelperRequest | ListRequest | ReleaseRequest | StatusRequest
+    HelloRequest
+    | TapRequest
+    | BridgeHelperRequest
+    | ListRequest
+    | ReleaseRequest
+    | StatusRequest
+    | MetricsRequest
 )
 
 #: op name -> model; the protocol module dispatches on it.
@@ -117,6 +129,7 @@ REQUEST_MODELS: dict[str, type[Request]] = {
     "list": ListRequest,
     "release": ReleaseRequest,
     "status": StatusRequest,
+    "metrics": MetricsRequest,
 }
 
 
@@ -183,3 +196,9 @@ class StatusReply(_Frozen):
     leases: int
     connections: int
     config: str | None
+
+
+class MetricsReply(_Frozen):
+    ok: Literal[True] = True
+    #: Prometheus's text exposition format, version 0.0.4
+    text: str

@@ -17,6 +17,7 @@ import os
 import resource
 import socket
 import struct
+import time
 from collections import Counter
 from typing import Any
 
@@ -221,6 +222,7 @@ class Server:
     async def _reply_quietly(self, sock: socket.socket, error: TapdError) -> None:
         """A last error reply before closing; the peer may already be gone, or
         not reading (then it gets request_timeout to take it)."""
+        self.service.metrics.refused(error)
         with contextlib.suppress(OSError), trio.move_on_after(self.config.server.request_timeout):
             await fdpass.send_line(sock, protocol.encode(error.to_wire()), [])
 
@@ -313,10 +315,14 @@ class Server:
         peer: Peer,
         log: Any,
     ) -> None:
+        started = time.perf_counter()
         grant: Grant | None = None
+        op = ""  # for the metrics: "" until the line is a request
+        error: BaseException | None = None
         try:
             request = protocol.decode_request(line)
-            log = log.bind(op=request.op)
+            op = request.op
+            log = log.bind(op=op)
             grant = await self.service.handle(peer, request, fds_in, log)
             wire: Any = grant.reply
         except ClientError as exc:
@@ -328,7 +334,7 @@ class Server:
                 message=exc.message,
                 **exc.context,
             )
-            wire = to_wire(exc)
+            wire, error = to_wire(exc), exc
         except TapdError as exc:
             log.warning(
                 "request.failed",
@@ -337,18 +343,24 @@ class Server:
                 message=exc.message,
                 **exc.context,
             )
-            wire = to_wire(exc)
+            wire, error = to_wire(exc), exc
         except Exception as exc:
             log.exception("request.failed", outcome="failed", code="internal-error")
-            wire = to_wire(exc)
+            wire, error = to_wire(exc), exc
+        metrics = self.service.metrics
         if grant is None:
-            await self._send(sock, protocol.encode(wire), [])
+            try:
+                await self._send(sock, protocol.encode(wire), [])
+            finally:
+                metrics.request(op, started, error=error)
             return
         try:
             await self._send(sock, protocol.encode(wire), grant.fds)
         except BaseException:
+            metrics.request(op, started, rule=grant.rule, delivered=False)
             log.warning("request.undelivered", ifname=getattr(grant.reply, "ifname", None))
             with trio.CancelScope(shield=True):
                 await grant.abandon(log)
             raise
+        metrics.request(op, started, rule=grant.rule, granted=grant.lease is not None)
         grant.sent()

@@ -21,7 +21,7 @@ from typing import Any
 import trio
 from pydantic import BaseModel
 
-from . import PROTOCOL_VERSION, __version__, owner, programs
+from . import PROTOCOL_VERSION, __version__, metrics, owner, programs
 from .config import Config
 from .errors import Denied, InvalidValue, LeaseNotFound, TapdError
 from .leases import Lease, new_id
@@ -32,6 +32,7 @@ from .models import (
     HelloReply,
     LeaseInfo,
     ListReply,
+    MetricsReply,
     ReleaseReply,
     Request,
     StatusReply,
@@ -67,6 +68,8 @@ class Grant:
     #: logs the grant: called once the reply is out, so that the client is
     #: not kept waiting for the log line (the lease is tracked before)
     on_sent: Callable[[], None] | None = None
+    #: the allow rule that granted a tap (for the metrics)
+    rule: str | None = None
 
     def sent(self) -> None:
         # Our copies go: once the VM closes its own, the tap is gone.
@@ -195,6 +198,7 @@ class Service:
         self.config_path = config_path
         self.started = time.monotonic()
         self.connections = 0
+        self.metrics = metrics.Recorder()
         # Taps being made right now, per uid: counted against max_taps with
         # the live leases, so that parallel requests cannot overshoot it.
         self._making: Counter[int] = Counter()
@@ -239,6 +243,15 @@ class Service:
                     config=self.config_path,
                 )
             )
+        if request.op == "metrics":
+            text = await metrics.scrape(
+                self.metrics,
+                peer,
+                leases.visible_to(0),
+                self.connections,
+                self.lifecycle.reconciled,
+            )
+            return Grant(MetricsReply(text=text))
         assert request.op == "release"
         lease = leases.find(peer.uid, request.lease)
         if lease is None:
@@ -271,10 +284,13 @@ class Service:
         self._making[peer.uid] += 1
         try:
             if isinstance(what, CreatePlan):
-                return await self._create(peer, what, decision, owner_, log)
-            if isinstance(what, AdoptPlan):
-                return await self._adopt(peer, what, owner_, fds_in, log)
-            return await self._helper(peer, what, decision, owner_, log)
+                grant = await self._create(peer, what, decision, owner_, log)
+            elif isinstance(what, AdoptPlan):
+                grant = await self._adopt(peer, what, owner_, fds_in, log)
+            else:
+                grant = await self._helper(peer, what, decision, owner_, log)
+            grant.rule = decision.rule
+            return grant
         finally:
             self._making[peer.uid] -= 1
             if not self._making[peer.uid]:

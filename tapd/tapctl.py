@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -63,6 +65,16 @@ def _parser() -> argparse.ArgumentParser:
     rel.add_argument("lease", metavar="ID|IFNAME")
     st = verbs.add_parser("status", help="how the daemon is doing")
     st.add_argument("--json", action="store_true", help="print the reply as JSON")
+    met = verbs.add_parser(
+        "metrics",
+        help="tapd's numbers in Prometheus's text format (root only)",
+        description=(
+            "Print tapd's counters, latency histogram and leases per bridge in "
+            "Prometheus's text exposition format, or write them to FILE atomically "
+            "(for node_exporter's textfile collector, which reads *.prom files)."
+        ),
+    )
+    met.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
     helper = verbs.add_parser(
         "helper",
         help="stand in for qemu-bridge-helper (QEMU runs this; see README)",
@@ -255,6 +267,37 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metrics(args: argparse.Namespace) -> int:
+    reply, fds = client.call({"op": "metrics"}, path=args.socket)
+    for fd in fds:
+        os.close(fd)
+    text = str(reply["text"])
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    # A reader must never see half a file: write a temporary file beside it
+    # (same filesystem, and a name the textfile collector skips), then rename.
+    directory, name = os.path.split(os.path.abspath(args.output))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise client.ClientError(
+            "output", f"cannot write {args.output}: {exc.strerror or exc}"
+        ) from None
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            os.fchmod(out.fileno(), 0o644)  # mkstemp's 0600: node_exporter runs as its own user
+        os.replace(tmp, args.output)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise client.ClientError(
+            "output", f"cannot write {args.output}: {exc.strerror or exc}"
+        ) from None
+    return 0
+
+
 def _helper(args: argparse.Namespace) -> int:
     """QEMU's side of net_bridge_run_helper(): one byte with the fd, exit 0."""
     # As qemu-bridge-helper: --use-vnet means IFF_VNET_HDR if the kernel has it.
@@ -286,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.verb == "status":
             return _status(args)
+        if args.verb == "metrics":
+            return _metrics(args)
         if args.verb == "helper":
             return _helper(args)
         return _request(args)
