@@ -158,6 +158,17 @@ def request_tap(
     return TapGrant(reply=reply, tap_fds=fds[:ntap], vhost_fds=fds[ntap:])
 
 
+def prepare_tap(*, path: str | None = None, **options: Any) -> dict[str, Any]:
+    """Ask for a persistent tap that the VMM opens itself by name (the
+    ``prepare`` op): ``br``, and optionally ``ifname``, ``queues``,
+    ``vnet_hdr``, ``script``, ``downscript``.  The lease belongs to the
+    calling process: the tap is removed when it exits, so exec the VMM from
+    it (as ``tapctl prepare -- CMD`` does).  Returns the reply."""
+    body: dict[str, Any] = {"op": "prepare"}
+    body.update((key, value) for key, value in options.items() if value is not None)
+    return _simple(body, path)
+
+
 def _simple(request: dict[str, Any], path: str | None) -> dict[str, Any]:
     reply, fds = call(request, path=path)
     close_all(fds)

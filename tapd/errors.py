@@ -141,6 +141,13 @@ class QuotaExceeded(Denied):
     code = "quota-exceeded"
 
 
+class NotApplicable(ClientError):
+    """A key that is valid for another op but cannot apply to this one (e.g.
+    ``fd=`` with ``prepare``: a VMM that opens its tap by name has no fd)."""
+
+    code = "option-not-applicable"
+
+
 class Unsupported(ClientError):
     """A valid option this version of tapd does not implement yet."""
 

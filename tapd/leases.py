@@ -40,6 +40,8 @@ class Lease:
     #: the client made the tap (fd=/fds=): when its owner goes, tapd forgets
     #: the lease but leaves the tap to whoever made it
     adopted: bool = False
+    #: made by the prepare op: persistent by design, opened by the VMM by name
+    prepared: bool = False
 
     def tag(self) -> str:
         """The interface alias that lets a restarted tapd find this lease."""
@@ -58,6 +60,8 @@ class Lease:
             fields.append(f"down={self.downscript}")
         if self.adopted:
             fields.append("adopted=1")
+        if self.prepared:
+            fields.append("prepared=1")
         tag = " ".join(fields)
         assert len(tag.encode()) < IFALIASZ
         return tag
@@ -87,6 +91,7 @@ def parse_tag(ifindex: int, ifname: str, alias: str | None) -> Lease | None:
             created=int(fields["created"]),
             downscript=fields.get("down") or None,
             adopted=fields.get("adopted") == "1",
+            prepared=fields.get("prepared") == "1",
         )
     except (KeyError, ValueError):
         return None

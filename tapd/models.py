@@ -68,6 +68,16 @@ class TapRequest(TapOptions):
     op: Literal["request"]
 
 
+class PrepareRequest(TapOptions):
+    """``{"op": "prepare", "br": ..., "ifname": ..., "queues": ..., "vnet_hdr": ...}``:
+    a persistent tap for a VMM that opens ``/dev/net/tun`` itself by name
+    (Firecracker, crosvm ``--tap-name``, cloud-hypervisor ``tap=``, libvirt
+    ``ethernet``, QEMU ``ifname=...,script=no``).  It takes QEMU's keys so that
+    one that cannot apply to such a tap is refused by name, not as unknown."""
+
+    op: Literal["prepare"]
+
+
 class HelloRequest(_Frozen):
     """``{"op": "hello"}``: which protocol and daemon version is this?"""
 
@@ -106,13 +116,20 @@ class StatusRequest(_Frozen):
 
 
 Request = (
-    HelloRequest | TapRequest | BridgeHelperRequest | ListRequest | ReleaseRequest | StatusRequest
+    HelloRequest
+    | TapRequest
+    | PrepareRequest
+    | BridgeHelperRequest
+    | ListRequest
+    | ReleaseRequest
+    | StatusRequest
 )
 
 #: op name -> model; the protocol module dispatches on it.
 REQUEST_MODELS: dict[str, type[Request]] = {
     "hello": HelloRequest,
     "request": TapRequest,
+    "prepare": PrepareRequest,
     "bridge-helper": BridgeHelperRequest,
     "list": ListRequest,
     "release": ReleaseRequest,
@@ -150,6 +167,23 @@ class TapReply(_Frozen):
     warnings: tuple[str, ...] = ()
 
 
+class PrepareReply(_Frozen):
+    """A prepared tap: persistent, owned by the requester's uid (and the rule's
+    ``tap_group``), on its bridge and up.  No fds: the VMM attaches to
+    ``ifname`` itself, with as many queues as it likes up to ``queues``'s mode
+    (multi-queue when ``queues`` > 1)."""
+
+    ok: Literal[True] = True
+    lease: str
+    ifname: str
+    bridge: str
+    queues: int
+    vnet_hdr: bool
+    mac: str
+    mtu: int
+    warnings: tuple[str, ...] = ()
+
+
 class LeaseInfo(_Frozen):
     id: str
     ifname: str
@@ -162,6 +196,8 @@ class LeaseInfo(_Frozen):
     created: int
     downscript: str | None = None
     adopted: bool = False
+    #: made with the prepare op: a persistent tap the VMM opens by name
+    prepared: bool = False
 
 
 class ListReply(_Frozen):

@@ -32,12 +32,15 @@ from .models import (
     HelloReply,
     LeaseInfo,
     ListReply,
+    PrepareReply,
+    PrepareRequest,
     ReleaseReply,
     Request,
     StatusReply,
     TapReply,
     TapRequest,
 )
+from .netlink import Bridge
 from .options import (
     DEFAULT_HELPER_BRIDGE,
     AdoptPlan,
@@ -46,6 +49,7 @@ from .options import (
     Plan,
     Vhost,
     plan,
+    prepare_plan,
 )
 from .policy import Decision, Peer, Policy
 from .taps import AdoptSpec, MadeTap, TapMaker, TapSpec, VhostSpec
@@ -159,7 +163,18 @@ class _Owner:
             self.pidfd = -1
 
 
-def _reply(made: MadeTap, fds: int, lease: Lease) -> TapReply:
+def _reply(made: MadeTap, fds: int, lease: Lease) -> TapReply | PrepareReply:
+    if lease.prepared:
+        return PrepareReply(
+            lease=lease.id,
+            ifname=made.ifname,
+            bridge=made.bridge,
+            queues=lease.queues,
+            vnet_hdr=made.vnet_hdr,
+            mac=made.mac,
+            mtu=made.mtu,
+            warnings=tuple(made.warnings),
+        )
     return TapReply(
         lease=lease.id,
         ifname=made.ifname,
@@ -209,6 +224,12 @@ class Service:
         """Carry out ``request``.  ``fds_in`` stay the caller's to close."""
         if isinstance(request, TapRequest):
             return await self._request(peer, plan(request), fds_in, log, _Owner.of_peer(peer))
+        if isinstance(request, PrepareRequest):
+            # The requester owns the lease: tapctl prepare execs the VMM, so
+            # the VMM itself is the owner, and its exit ends the tap.
+            return await self._request(
+                peer, prepare_plan(request), fds_in, log, _Owner.of_peer(peer)
+            )
         if isinstance(request, BridgeHelperRequest):
             # QEMU's bridge helper protocol: a tap on br (default br0), no other
             # options; the lease belongs to the QEMU that ran the helper.
@@ -302,6 +323,7 @@ class Service:
         owner_: _Owner,
         downscript: str | None,
         adopted: bool = False,
+        prepared: bool = False,
     ) -> Lease:
         """A lease with its tag, before the tap exists (the tag is set just
         before the tap joins its bridge)."""
@@ -318,6 +340,7 @@ class Service:
             created=int(time.time()),
             downscript=downscript,
             adopted=adopted,
+            prepared=prepared,
         )
 
     def _grant(
@@ -365,7 +388,9 @@ class Service:
         hooks = self.config.programs.hooks
         script = what.script and self._program("script", hooks, what.script)
         downscript = what.downscript and self._program("downscript", hooks, what.downscript)
-        lease = self._lease(peer, what.bridge, what.queues, owner_, what.downscript)
+        lease = self._lease(
+            peer, what.bridge, what.queues, owner_, what.downscript, prepared=what.persistent
+        )
         spec = TapSpec(
             bridge=what.bridge,
             ifname=what.ifname,
@@ -378,14 +403,19 @@ class Service:
             vhost=self._vhost(what.vhost),
             alias=lease.tag(),
         )
-        made = await self._make(spec)
+        if what.persistent:
+            # Worker: besides joining, the last close of tapd's queue waits
+            # for an RCU grace period.
+            made = await self.worker.run(self.maker.prepare, spec, await self._bridge(spec.bridge))
+        else:
+            made = await self._make(spec)
         if script and what.script:
             try:
                 await programs.run_hook(
                     what.script, script, made.ifname, self.config.programs.hook_timeout
                 )
             except BaseException:
-                await self._discard(made)
+                await self._discard(made, persistent=what.persistent)
                 raise
             log.info("hook.script.complete", script=what.script, ifname=made.ifname)
         return self._grant(
@@ -404,9 +434,7 @@ class Service:
         tap that failed half-way is also slow (the last close of a queue
         waits for an RCU grace period), so that goes to the worker too.
         """
-        bridge = self.maker.cached_bridge(spec.bridge)
-        if bridge is None:
-            bridge = await self.worker.run(self.maker.bridge, spec.bridge)
+        bridge = await self._bridge(spec.bridge)
         if spec.queues > 1 or self.worker.busy:
             return await self.worker.run(self.maker.make, spec, bridge)
         made = self.maker.create(spec, bridge)
@@ -417,11 +445,21 @@ class Service:
             raise
         return made
 
-    async def _discard(self, made: MadeTap) -> None:
+    async def _bridge(self, name: str) -> Bridge:
+        bridge = self.maker.cached_bridge(name)
+        if bridge is None:
+            bridge = await self.worker.run(self.maker.bridge, name)
+        return bridge
+
+    async def _discard(self, made: MadeTap, persistent: bool = False) -> None:
         """Remove a tap that will not be granted, off the loop: the last
-        close of a queue waits for an RCU grace period."""
+        close of a queue waits for an RCU grace period, and a persistent tap
+        outlives its fds."""
         with trio.CancelScope(shield=True):
-            await self.worker.run(made.close)
+            if persistent:
+                await self.worker.run(self.maker.remove, made.ifindex)
+            else:
+                await self.worker.run(made.close)
 
     async def _adopt(
         self,

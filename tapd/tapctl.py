@@ -57,6 +57,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     req.add_argument("--json", action="store_true", help="print the reply as JSON")
     req.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    prep = verbs.add_parser(
+        "prepare",
+        help="make a persistent tap a VMM opens by name, and run the VMM",
+        description=(
+            "Ask tapd for a persistent tap on BR that a VMM opens itself by name "
+            "(Firecracker, crosvm --tap-name, cloud-hypervisor tap=, libvirt "
+            "ethernet, QEMU ifname=...,script=no).  With -- CMD ARGS, exec CMD "
+            "replacing {ifname} in ARGS: the lease belongs to this process, so the tap "
+            "is removed when CMD exits.  Without CMD, print the reply and exit, which "
+            "removes the tap again."
+        ),
+    )
+    prep.add_argument("--br", required=True, help="bridge to attach the tap to")
+    prep.add_argument("--ifname", help="name for the tap (default: the daemon's template)")
+    prep.add_argument("--queues", type=int, help="queues the VMM will attach (multiqueue tap)")
+    pvnet = prep.add_mutually_exclusive_group()
+    pvnet.add_argument("--vnet-hdr", dest="vnet_hdr", action="store_const", const=True)
+    pvnet.add_argument("--no-vnet-hdr", dest="vnet_hdr", action="store_const", const=False)
+    prep.add_argument("--script", metavar="NAME", help="a network script the admin listed")
+    prep.add_argument("--downscript", metavar="NAME", help="a down script the admin listed")
+    prep.add_argument("--json", action="store_true", help="print the reply as JSON")
+    prep.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     lst = verbs.add_parser("list", help="your leases (root: all of them)")
     lst.add_argument("--json", action="store_true", help="print a JSON list of leases")
     rel = verbs.add_parser("release", help="end a lease now: its tap is removed")
@@ -217,6 +239,36 @@ def _request(args: argparse.Namespace) -> int:
         return 127
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    reply = client.prepare_tap(
+        path=args.socket,
+        br=args.br,
+        ifname=args.ifname,
+        queues=args.queues,
+        vnet_hdr=args.vnet_hdr,
+        script=args.script,
+        downscript=args.downscript,
+    )
+    if not command:
+        if args.json:
+            print(json.dumps(reply))
+        else:
+            print(
+                f"{reply['ifname']}: bridge {reply['bridge']} mac {reply['mac']} "
+                f"mtu {reply['mtu']} queues {reply['queues']} (removed as tapctl exits)"
+            )
+        return 0
+    argv = [arg.replace("{ifname}", str(reply["ifname"])) for arg in command]
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        print(f"tapctl: cannot run {argv[0]}: {exc.strerror}", file=sys.stderr)
+        return 127
+
+
 def _age(created: int) -> str:
     seconds = max(0, int(time.time()) - created)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -288,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args)
         if args.verb == "helper":
             return _helper(args)
+        if args.verb == "prepare":
+            return _prepare(args)
         return _request(args)
     except client.ClientError as exc:
         print(f"tapctl: {exc.message} [{exc.code}]", file=sys.stderr)

@@ -103,6 +103,10 @@ class TapMaker(Protocol):
 
     def make(self, spec: TapSpec, bridge: Bridge) -> MadeTap: ...
 
+    def prepare(self, spec: TapSpec, bridge: Bridge) -> MadeTap: ...
+
+    def remove(self, index: int) -> bool: ...
+
     def adopt(self, spec: AdoptSpec) -> MadeTap: ...
 
 
@@ -156,14 +160,24 @@ class KernelTaps:
             )
         return offered if wanted is None else wanted
 
-    def _create(self, spec: TapSpec, vnet_hdr: bool) -> tuple[str, list[int]]:
+    def _create(
+        self, spec: TapSpec, vnet_hdr: bool, queues: int | None = None
+    ) -> tuple[str, list[int]]:
+        """Create the device with ``queues`` queue fds (default: all of
+        ``spec.queues``); it is multi-queue whenever ``spec.queues`` > 1."""
         if spec.queues > 1 and not self.features.multi_queue:
             raise Unsupported(
                 "multiqueue required, but no kernel support for IFF_MULTI_QUEUE available"
             )
+        count = spec.queues if queues is None else queues
+        multi_queue = spec.queues > 1
         if spec.ifname is not None:
             fds = tun.create_tap(
-                spec.ifname, queues=spec.queues, vnet_hdr=vnet_hdr, path=self.tun_device
+                spec.ifname,
+                queues=count,
+                vnet_hdr=vnet_hdr,
+                path=self.tun_device,
+                multi_queue=multi_queue,
             )
             return spec.ifname, fds
         uid = spec.owner_uid if spec.owner_uid is not None else 0
@@ -171,7 +185,11 @@ class KernelTaps:
             name = spec.name_template.format(rand=secrets.token_hex(4), uid=uid)
             try:
                 fds = tun.create_tap(
-                    name, queues=spec.queues, vnet_hdr=vnet_hdr, path=self.tun_device
+                    name,
+                    queues=count,
+                    vnet_hdr=vnet_hdr,
+                    path=self.tun_device,
+                    multi_queue=multi_queue,
                 )
             except IfnameTaken:
                 continue
@@ -210,6 +228,47 @@ class KernelTaps:
             made.close()
             raise
         return made
+
+    def prepare(self, spec: TapSpec, bridge: Bridge) -> MadeTap:
+        """A persistent tap for a VMM that opens it by name (worker thread).
+
+        tapd opens one queue - multi-queue when ``spec.queues`` > 1, so that
+        the VMM may attach that many - gives the device to the requester
+        (TUNSETOWNER/TUNSETGROUP: only that uid may attach without privilege,
+        drivers/net/tun.c tun_not_capable()) before anything else, makes it
+        persistent, puts it on the bridge and closes its own queue: the tap
+        stays, with no queue attached, until the VMM opens it.  Any failure
+        clears persistence first, so the close removes what was made.
+        """
+        vnet_hdr = self._vnet_hdr(spec.vnet_hdr)
+        name, fds = self._create(spec, vnet_hdr, queues=1)
+        made = _made(name, fds, vnet_hdr, bridge)
+        (fd,) = fds
+        persistent = False
+        try:
+            if spec.owner_uid is not None:
+                tun.set_owner(fd, spec.owner_uid)
+            if spec.owner_gid is not None:
+                tun.set_group(fd, spec.owner_gid)
+            tun.set_persist(fd, True)
+            persistent = True
+            made.ifindex = tun.ifindex(name)
+            self.netlink.join_bridge(made.ifindex, name, bridge, made.mac, spec.alias)
+        except BaseException:
+            if persistent:
+                try:
+                    tun.set_persist(fd, False)
+                except KernelError:
+                    self.netlink.delete(tun.ifindex(name))
+            made.close()
+            raise
+        made.close()  # the tap stays: it is persistent
+        return made
+
+    def remove(self, index: int) -> bool:
+        """Remove a tap by index, held or persistent (worker thread); False if
+        it was already gone."""
+        return self.netlink.delete(index)
 
     def adopt(self, spec: AdoptSpec) -> MadeTap:
         """Check fds someone else made, then treat them as :meth:`make` would.
