@@ -23,10 +23,36 @@ from .tun import close_all
 
 ENV_SOCKET = "TAPD_SOCKET"
 
+#: The system-wide client setting, for clients started where no environment
+#: reaches them (libvirt runs its bridge helper with a cleaned environment).
+#: Lines of ``key = value``; ``#`` starts a comment; the one key today is
+#: ``socket``, and keys this version does not know are ignored.
+CLIENT_CONFIG = "/etc/tapd/client.conf"
+
+
+def configured_socket(path: str | None = None) -> str | None:
+    """The ``socket`` that ``path`` (default :data:`CLIENT_CONFIG`) names, or
+    None (no file, or no key)."""
+    try:
+        fd = os.open(path or CLIENT_CONFIG, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        text = os.read(fd, 65536).decode("utf-8", "replace")
+    finally:
+        os.close(fd)
+    found = None
+    for line in text.splitlines():
+        key, sep, value = line.partition("#")[0].partition("=")
+        if sep and key.strip() == "socket" and value.strip():
+            found = value.strip().strip('"')
+    return found
+
 
 def socket_path(explicit: str | None = None) -> str:
-    """--socket, else $TAPD_SOCKET, else /run/tapd.sock."""
-    return explicit or os.environ.get(ENV_SOCKET) or DEFAULT_SOCKET
+    """--socket, else $TAPD_SOCKET, else /etc/tapd/client.conf's ``socket``,
+    else /run/tapd.sock."""
+    return explicit or os.environ.get(ENV_SOCKET) or configured_socket() or DEFAULT_SOCKET
 
 
 class ClientError(Exception):
