@@ -152,6 +152,12 @@ class TapGrant:
     def ifname(self) -> str:
         return str(self.reply["ifname"])
 
+    @property
+    def guest_mac(self) -> str | None:
+        """The MAC the guest's NIC must use (a filtered port passes no other)."""
+        mac = self.reply.get("guest_mac")
+        return None if mac is None else str(mac)
+
     def netdev_args(self) -> str:
         """The fd part of a QEMU ``-netdev tap,...`` argument."""
         if len(self.tap_fds) == 1 and not self.vhost_fds:

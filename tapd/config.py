@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from .fence import DEFAULT_PREFIX, check_prefix
 from .options import ifname_problem
 from .tun import TUN_PATH
 
@@ -108,6 +109,14 @@ class TapsConfig(_Section):
     #: requester's uid.  At most 15 bytes once filled in.
     name_template: str = "tap{rand}"
     tun_device: str = TUN_PATH
+    #: the guest MACs tapd draws (for grants whose request names none) start
+    #: with these octets; locally administered, so never a vendor's
+    guest_mac_prefix: str = DEFAULT_PREFIX
+
+    @field_validator("guest_mac_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        return check_prefix(value)
 
     @field_validator("name_template")
     @classmethod
@@ -187,6 +196,15 @@ class AllowRule(DenyRule):
     max_taps: Annotated[int, Field(ge=1)] | None = None
     #: give taps granted by this rule to this group as well (TUNSETGROUP)
     tap_group: Group | None = None
+    #: the guest may send only with its lease's guest_mac (a locked bridge
+    #: port, learning off, one static FDB entry)
+    mac_filtering: bool = False
+    #: an isolated bridge port: reaches the uplink and the host, not other
+    #: isolated ports
+    port_isolation: bool = False
+    #: the port's learning and unicast-flood flags (absent: the kernel's default)
+    learning: bool | None = None
+    flood: bool | None = None
 
 
 class Config(_Section):

@@ -141,6 +141,12 @@ class QuotaExceeded(Denied):
     code = "quota-exceeded"
 
 
+class GuestMacInUse(ClientError):
+    """The guest MAC asked for belongs to a live lease already."""
+
+    code = "guest-mac-in-use"
+
+
 class NotApplicable(ClientError):
     """A key that is valid for another op but cannot apply to this one (e.g.
     ``fd=`` with ``prepare``: a VMM that opens its tap by name has no fd)."""

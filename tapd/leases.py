@@ -13,6 +13,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .fence import Fence
+
 #: <linux/if.h>: IFALIASZ is 256 including the NUL
 IFALIASZ = 256
 TAG_PREFIX = "tapd:1"
@@ -42,6 +44,10 @@ class Lease:
     adopted: bool = False
     #: made by the prepare op: persistent by design, opened by the VMM by name
     prepared: bool = False
+    #: the MAC the guest's NIC uses (the only source MAC a filtered port takes)
+    guest_mac: str | None = None
+    #: the port flags the rule asked for (tapd.fence.Fence.tag), "" for none
+    fence: str = ""
 
     def tag(self) -> str:
         """The interface alias that lets a restarted tapd find this lease."""
@@ -62,6 +68,10 @@ class Lease:
             fields.append("adopted=1")
         if self.prepared:
             fields.append("prepared=1")
+        if self.guest_mac:
+            fields.append(f"gmac={self.guest_mac}")
+        if self.fence:
+            fields.append(f"fence={self.fence}")
         tag = " ".join(fields)
         assert len(tag.encode()) < IFALIASZ
         return tag
@@ -69,6 +79,7 @@ class Lease:
     def to_wire(self) -> dict[str, Any]:
         wire = asdict(self)
         del wire["starttime"]
+        wire["fence"] = Fence.from_tag(self.fence).describe() if self.fence else None
         return wire
 
 
@@ -92,6 +103,8 @@ def parse_tag(ifindex: int, ifname: str, alias: str | None) -> Lease | None:
             downscript=fields.get("down") or None,
             adopted=fields.get("adopted") == "1",
             prepared=fields.get("prepared") == "1",
+            guest_mac=fields.get("gmac") or None,
+            fence=fields.get("fence", ""),
         )
     except (KeyError, ValueError):
         return None
@@ -103,6 +116,8 @@ class Registry:
     def __init__(self) -> None:
         self._by_index: dict[int, Lease] = {}
         self._per_uid: Counter[int] = Counter()
+        #: guest MACs of live leases: a new lease never takes one of them
+        self.guest_macs: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return len(self._by_index)
@@ -110,17 +125,26 @@ class Registry:
     def add(self, lease: Lease) -> None:
         old = self._by_index.get(lease.ifindex)
         if old is not None:
-            self._per_uid[old.uid] -= 1
+            self._forget(old)
         self._by_index[lease.ifindex] = lease
         self._per_uid[lease.uid] += 1
+        if lease.guest_mac:
+            self.guest_macs[lease.guest_mac] += 1
 
     def pop(self, ifindex: int) -> Lease | None:
         lease = self._by_index.pop(ifindex, None)
         if lease is not None:
-            self._per_uid[lease.uid] -= 1
-            if not self._per_uid[lease.uid]:
-                del self._per_uid[lease.uid]
+            self._forget(lease)
         return lease
+
+    def _forget(self, lease: Lease) -> None:
+        self._per_uid[lease.uid] -= 1
+        if not self._per_uid[lease.uid]:
+            del self._per_uid[lease.uid]
+        if lease.guest_mac:
+            self.guest_macs[lease.guest_mac] -= 1
+            if not self.guest_macs[lease.guest_mac]:
+                del self.guest_macs[lease.guest_mac]
 
     def get(self, ifindex: int) -> Lease | None:
         return self._by_index.get(ifindex)

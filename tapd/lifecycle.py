@@ -19,6 +19,7 @@ from . import log as logging
 from . import owner, programs
 from .config import Config
 from .errors import Denied
+from .fence import Fence
 from .leases import Lease, Registry, parse_tag
 from .netlink import Netlink, link_events
 from .worker import KernelWorker
@@ -157,9 +158,29 @@ class Lifecycle:
 
     async def _untag(self, lease: Lease) -> None:
         try:
+            if lease.fence:
+                # The client's own tap goes back to it as the kernel makes ports.
+                fence = Fence.from_tag(lease.fence)
+                mac = lease.guest_mac if fence.mac_filtering else None
+                await self.worker.run(
+                    self.netlink.clear_port, lease.ifindex, fence.port_flags(), mac
+                )
             await self.worker.run(self.netlink.clear_tag, lease.ifindex)
         except Exception:
             self.log.exception("lease.untag.failed", lease=lease.id)
+
+    async def _refence(self, lease: Lease) -> None:
+        """A restarted tapd sets a restored lease's port flags again: they are
+        the kernel's state and normally still there, but nothing else may have
+        been fenced in their absence."""
+        fence = Fence.from_tag(lease.fence)
+        mac = lease.guest_mac if fence.mac_filtering else None
+        try:
+            await self.worker.run(self.netlink.set_port, lease.ifindex, fence.port_flags(), mac)
+        except Exception:
+            self.log.exception("lease.fence.failed", lease=lease.id)
+        else:
+            self.log.info("lease.fence.restored", lease=lease.id, fence=lease.fence)
 
     async def release(self, lease: Lease) -> None:
         """End a lease now: remove its tap even while a VM holds it."""
@@ -180,6 +201,8 @@ class Lifecycle:
             pidfd = owner.reopen(lease.pid, lease.starttime)
             if pidfd is not None:
                 self.begin(lease, pidfd)
+                if lease.fence:
+                    await self._refence(lease)
                 self.log.info("lease.restored", lease=lease.id, ifname=name, uid=lease.uid)
                 kept += 1
                 continue

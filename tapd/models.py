@@ -62,10 +62,19 @@ class TapOptions(_Frozen):
         return self.model_dump(by_alias=True, exclude_none=True)
 
 
+#: tapd's own request key (no QEMU tap option has it): the MAC the guest's NIC
+#: will use.  Absent: tapd picks a free one.  Granted replies say which.
+GuestMac = Annotated[str, Field(min_length=1, max_length=32)]
+
+#: the keys of a request that are tapd's own, beside QAPI's NetdevTapOptions
+TAPD_REQUEST_KEYS = frozenset({"guest_mac"})
+
+
 class TapRequest(TapOptions):
     """``{"op": "request", ...}``: make (or adopt) a tap and attach it to ``br``."""
 
     op: Literal["request"]
+    guest_mac: GuestMac | None = None
 
 
 class PrepareRequest(TapOptions):
@@ -76,6 +85,7 @@ class PrepareRequest(TapOptions):
     one that cannot apply to such a tap is refused by name, not as unknown."""
 
     op: Literal["prepare"]
+    guest_mac: GuestMac | None = None
 
 
 class HelloRequest(_Frozen):
@@ -165,6 +175,10 @@ class TapReply(_Frozen):
     #: TUNSETOFFLOAD flags set (0 until the guest negotiates offloads, as in QEMU)
     offloads: int = 0
     warnings: tuple[str, ...] = ()
+    #: the MAC the guest's NIC must use (tapctl's {mac}); the tap's own is ``mac``
+    guest_mac: str | None = None
+    #: what the port may not do, as the allow rule says (absent: nothing fenced)
+    fence: dict[str, bool] | None = None
 
 
 class PrepareReply(_Frozen):
@@ -182,6 +196,8 @@ class PrepareReply(_Frozen):
     mac: str
     mtu: int
     warnings: tuple[str, ...] = ()
+    guest_mac: str | None = None
+    fence: dict[str, bool] | None = None
 
 
 class LeaseInfo(_Frozen):
@@ -198,6 +214,8 @@ class LeaseInfo(_Frozen):
     adopted: bool = False
     #: made with the prepare op: a persistent tap the VMM opens by name
     prepared: bool = False
+    guest_mac: str | None = None
+    fence: dict[str, bool] | None = None
 
 
 class ListReply(_Frozen):

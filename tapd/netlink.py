@@ -58,6 +58,11 @@ IFLA_MTU = 4
 IFLA_MASTER = 10
 IFLA_IFALIAS = 20
 
+# <linux/neighbour.h>: a bridge FDB entry that points at a port (not the port
+# device's own table), and "static" as bridge(8) spells NUD_NOARP
+NTF_MASTER = 0x04
+NUD_NOARP = 0x40
+
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _NLATTR = struct.Struct("=HH")  # len, type
@@ -243,6 +248,35 @@ class Netlink:
                 return False
             raise kernel_error(_oserror(exc), f"removing interface {index}") from None
         return True
+
+    def set_port(self, index: int, flags: dict[str, bool], static_mac: str | None) -> None:
+        """Bridge port flags (IFLA_BRPORT_* through IFLA_INFO_SLAVE_DATA, which
+        rtnetlink applies only to a port that already has its master) and a
+        static FDB entry for ``static_mac`` on that port (what ``bridge fdb
+        replace MAC dev PORT master static`` does: NTF_MASTER, NUD_NOARP)."""
+        try:
+            if flags:
+                self._ip.brport("set", index=index, **{k: int(v) for k, v in flags.items()})
+            if static_mac is not None:
+                self._ip.fdb(
+                    "replace", ifindex=index, lladdr=static_mac, flags=NTF_MASTER, state=NUD_NOARP
+                )
+        except NetlinkError as exc:
+            raise kernel_error(_oserror(exc), f"fencing bridge port {index}") from None
+
+    def clear_port(self, index: int, flags: dict[str, bool], static_mac: str | None) -> None:
+        """Undo :meth:`set_port`: the flags back to what the kernel gives a new
+        port (learning and flooding on, not locked or isolated), the static
+        entry gone.  A port already gone is no error."""
+        defaults = {"locked": 0, "isolated": 0, "learning": 1, "unicast_flood": 1}
+        try:
+            if flags:
+                self._ip.brport("set", index=index, **{k: defaults[k] for k in flags})
+            if static_mac is not None:
+                self._ip.fdb("del", ifindex=index, lladdr=static_mac, flags=NTF_MASTER)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
+                raise kernel_error(_oserror(exc), f"unfencing bridge port {index}") from None
 
     def tap_owner(self, index: int) -> int | None:
         """The uid a tap belongs to (TUNSETOWNER), or None if it has none."""

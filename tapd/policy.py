@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from .config import AllowRule, Config, DenyRule, is_id
 from .errors import Denied, QuotaExceeded
+from .fence import Fence
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Decision:
     max_queues: int | None = None
     max_taps: int | None = None
     tap_gid: int | None = None
+    fence: Fence = field(default_factory=Fence)
 
 
 class Policy:
@@ -108,6 +110,12 @@ class Policy:
                 max_queues=allow.max_queues,
                 max_taps=allow.max_taps,
                 tap_gid=tap_gid,
+                fence=Fence(
+                    mac_filtering=allow.mac_filtering,
+                    isolated=allow.port_isolation,
+                    learning=allow.learning,
+                    flood=allow.flood,
+                ),
             )
         raise Denied(
             f"uid {peer.uid} is not allowed to use bridge {bridge!r}: no allow rule in "

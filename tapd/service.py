@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from . import PROTOCOL_VERSION, __version__, owner, programs
 from .config import Config
 from .errors import Denied, InvalidValue, LeaseNotFound, TapdError
+from .fence import Fence, choose_mac
 from .leases import Lease, new_id
 from .lifecycle import Lifecycle
 from .models import (
@@ -174,6 +175,8 @@ def _reply(made: MadeTap, fds: int, lease: Lease) -> TapReply | PrepareReply:
             mac=made.mac,
             mtu=made.mtu,
             warnings=tuple(made.warnings),
+            guest_mac=lease.guest_mac,
+            fence=_fence(lease),
         )
     return TapReply(
         lease=lease.id,
@@ -188,7 +191,23 @@ def _reply(made: MadeTap, fds: int, lease: Lease) -> TapReply | PrepareReply:
         sndbuf=made.sndbuf,
         offloads=made.offloads,
         warnings=tuple(made.warnings),
+        guest_mac=lease.guest_mac,
+        fence=_fence(lease),
     )
+
+
+def _fence(lease: Lease) -> dict[str, bool] | None:
+    return Fence.from_tag(lease.fence).describe() if lease.fence else None
+
+
+class _Either:
+    """``x in _Either(a, b)``: in either container, without building a union."""
+
+    def __init__(self, *containers: Container[str]) -> None:
+        self._containers = containers
+
+    def __contains__(self, item: object) -> bool:
+        return any(item in c for c in self._containers)
 
 
 def _info(lease: Lease) -> LeaseInfo:
@@ -213,6 +232,7 @@ class Service:
         # Taps being made right now, per uid: counted against max_taps with
         # the live leases, so that parallel requests cannot overshoot it.
         self._making: Counter[int] = Counter()
+        self._reserved_macs: set[str] = set()
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -223,12 +243,14 @@ class Service:
     async def handle(self, peer: Peer, request: Request, fds_in: list[int], log: Any) -> Grant:
         """Carry out ``request``.  ``fds_in`` stay the caller's to close."""
         if isinstance(request, TapRequest):
-            return await self._request(peer, plan(request), fds_in, log, _Owner.of_peer(peer))
+            return await self._request(
+                peer, plan(request), fds_in, log, _Owner.of_peer(peer), request.guest_mac
+            )
         if isinstance(request, PrepareRequest):
             # The requester owns the lease: tapctl prepare execs the VMM, so
             # the VMM itself is the owner, and its exit ends the tap.
             return await self._request(
-                peer, prepare_plan(request), fds_in, log, _Owner.of_peer(peer)
+                peer, prepare_plan(request), fds_in, log, _Owner.of_peer(peer), request.guest_mac
             )
         if isinstance(request, BridgeHelperRequest):
             # QEMU's bridge helper protocol: a tap on br (default br0), no other
@@ -238,7 +260,9 @@ class Service:
                 options["vnet_hdr"] = request.vnet_hdr
             what = plan(TapRequest.model_validate(options))
             vmm = _Owner.from_socket(fds_in[0], peer) if fds_in else _Owner.parent_of(peer)
-            return await self._request(peer, what, [], log, vmm)
+            # The helper protocol hands QEMU an fd and nothing else: QEMU's
+            # NIC keeps the MAC its command line gave it.
+            return await self._request(peer, what, [], log, vmm, mac_known=False)
         if request.op == "hello":
             return Grant(
                 HelloReply(
@@ -272,30 +296,56 @@ class Service:
     # -- requests for taps ----------------------------------------------------
 
     async def _request(
-        self, peer: Peer, what: Plan, fds_in: list[int], log: Any, owner_: _Owner
+        self,
+        peer: Peer,
+        what: Plan,
+        fds_in: list[int],
+        log: Any,
+        owner_: _Owner,
+        guest_mac: str | None = None,
+        mac_known: bool = True,
     ) -> Grant:
         with owner_:
             try:
-                return await self._granted(peer, what, fds_in, log, owner_)
+                return await self._granted(peer, what, fds_in, log, owner_, guest_mac, mac_known)
             except TapdError as exc:
                 exc.context = {"bridge": what.bridge, "queues": what.queues, **exc.context}
                 raise
 
     async def _granted(
-        self, peer: Peer, what: Plan, fds_in: list[int], log: Any, owner_: _Owner
+        self,
+        peer: Peer,
+        what: Plan,
+        fds_in: list[int],
+        log: Any,
+        owner_: _Owner,
+        guest_mac: str | None,
+        mac_known: bool,
     ) -> Grant:
         log = log.bind(bridge=what.bridge, queues=what.queues)
         held = self.lifecycle.registry.held_by(peer.uid) + self._making[peer.uid]
         decision = self.policy.check(peer, what.bridge, what.queues, held)
         log = log.bind(rule=decision.rule)
+        if decision.fence.mac_filtering and not mac_known:
+            raise Denied(
+                f"bridge {what.bridge!r} lets a guest send only with the MAC tapd gives it "
+                f"({decision.rule} has mac_filtering), and QEMU's bridge helper protocol "
+                "cannot tell QEMU that MAC; use tapctl request ... -device ...,mac={mac}"
+            ).about(rule=decision.rule)
+        # A MAC chosen but not yet leased is reserved, so that two requests in
+        # flight never get the same one.
+        taken = _Either(self.lifecycle.registry.guest_macs, self._reserved_macs)
+        mac = choose_mac(guest_mac, self.config.taps.guest_mac_prefix, taken)
+        self._reserved_macs.add(mac)
         self._making[peer.uid] += 1
         try:
             if isinstance(what, CreatePlan):
-                return await self._create(peer, what, decision, owner_, log)
+                return await self._create(peer, what, decision, owner_, log, mac)
             if isinstance(what, AdoptPlan):
-                return await self._adopt(peer, what, owner_, fds_in, log)
-            return await self._helper(peer, what, decision, owner_, log)
+                return await self._adopt(peer, what, decision, owner_, fds_in, log, mac)
+            return await self._helper(peer, what, decision, owner_, log, mac)
         finally:
+            self._reserved_macs.discard(mac)
             self._making[peer.uid] -= 1
             if not self._making[peer.uid]:
                 del self._making[peer.uid]
@@ -322,6 +372,8 @@ class Service:
         queues: int,
         owner_: _Owner,
         downscript: str | None,
+        decision: Decision,
+        guest_mac: str,
         adopted: bool = False,
         prepared: bool = False,
     ) -> Lease:
@@ -341,9 +393,11 @@ class Service:
             downscript=downscript,
             adopted=adopted,
             prepared=prepared,
+            guest_mac=guest_mac,
+            fence=decision.fence.tag(),
         )
 
-    def _grant(
+    async def _grant(
         self,
         owner_: _Owner,
         made: MadeTap,
@@ -354,12 +408,20 @@ class Service:
         downscript_path: str | None = None,
     ) -> Grant:
         lease = dataclasses.replace(lease, ifname=made.ifname, ifindex=made.ifindex)
-        # Tracked before the reply goes out: the VM may close its fds (and the
-        # kernel announce the tap's end) the moment it has them.
         try:
+            if lease.fence:
+                # Fenced before anyone but tapd holds a queue: the guest never
+                # has a moment on an open port.
+                await self.worker.run(
+                    self.maker.fence, made.ifindex, Fence.from_tag(lease.fence), lease.guest_mac
+                )
+            # Tracked before the reply goes out: the VM may close its fds (and
+            # the kernel announce the tap's end) the moment it has them.
             self.lifecycle.begin(lease, owner_.take())
         except BaseException:
             close_all(fds)  # the tap fds we made (an adopted tap's stay the client's)
+            if lease.prepared:
+                await self._discard(made, persistent=True)
             raise
 
         def granted() -> None:
@@ -369,6 +431,8 @@ class Service:
                 lease=lease.id,
                 ifname=made.ifname,
                 mac=made.mac,
+                guest_mac=lease.guest_mac,
+                fence=lease.fence or None,
                 warnings=made.warnings or None,
             )
 
@@ -383,13 +447,26 @@ class Service:
         )
 
     async def _create(
-        self, peer: Peer, what: CreatePlan, decision: Decision, owner_: _Owner, log: Any
+        self,
+        peer: Peer,
+        what: CreatePlan,
+        decision: Decision,
+        owner_: _Owner,
+        log: Any,
+        mac: str,
     ) -> Grant:
         hooks = self.config.programs.hooks
         script = what.script and self._program("script", hooks, what.script)
         downscript = what.downscript and self._program("downscript", hooks, what.downscript)
         lease = self._lease(
-            peer, what.bridge, what.queues, owner_, what.downscript, prepared=what.persistent
+            peer,
+            what.bridge,
+            what.queues,
+            owner_,
+            what.downscript,
+            decision,
+            mac,
+            prepared=what.persistent,
         )
         spec = TapSpec(
             bridge=what.bridge,
@@ -418,7 +495,7 @@ class Service:
                 await self._discard(made, persistent=what.persistent)
                 raise
             log.info("hook.script.complete", script=what.script, ifname=made.ifname)
-        return self._grant(
+        return await self._grant(
             owner_, made, lease, made.fds + made.vhost_fds, len(made.fds), log, downscript or None
         )
 
@@ -465,16 +542,20 @@ class Service:
         self,
         peer: Peer,
         what: AdoptPlan,
+        decision: Decision,
         owner_: _Owner,
         fds_in: list[int],
         log: Any,
+        mac: str,
     ) -> Grant:
         if len(fds_in) < len(what.names):
             raise InvalidValue(
                 f"the request names {len(what.names)} tap fd(s) but {len(fds_in)} "
                 "arrived with it; send them in SCM_RIGHTS with the request line"
             )
-        lease = self._lease(peer, what.bridge, what.queues, owner_, None, adopted=True)
+        lease = self._lease(
+            peer, what.bridge, what.queues, owner_, None, decision, mac, adopted=True
+        )
         spec = AdoptSpec(
             bridge=what.bridge,
             fds=tuple(fds_in[: len(what.names)]),
@@ -486,13 +567,19 @@ class Service:
         )
         made = await self.worker.run(self.maker.adopt, spec)
         # The client keeps its own tap fds; only vhost fds go back.
-        return self._grant(owner_, made, lease, list(made.vhost_fds), 0, log)
+        return await self._grant(owner_, made, lease, list(made.vhost_fds), 0, log)
 
     async def _helper(
-        self, peer: Peer, what: HelperPlan, decision: Decision, owner_: _Owner, log: Any
+        self,
+        peer: Peer,
+        what: HelperPlan,
+        decision: Decision,
+        owner_: _Owner,
+        log: Any,
+        mac: str,
     ) -> Grant:
         path = self._program("helper", self.config.programs.helpers, what.helper)
-        lease = self._lease(peer, what.bridge, 1, owner_, None)
+        lease = self._lease(peer, what.bridge, 1, owner_, None, decision, mac)
         fd = await programs.run_helper(
             what.helper, path, what.bridge, self.config.programs.helper_timeout
         )
@@ -511,4 +598,4 @@ class Service:
         except BaseException:
             close_all([fd])
             raise
-        return self._grant(owner_, made, lease, [fd, *made.vhost_fds], 1, log)
+        return await self._grant(owner_, made, lease, [fd, *made.vhost_fds], 1, log)

@@ -28,9 +28,9 @@ def _parser() -> argparse.ArgumentParser:
         help="get a tap on a bridge, and optionally run a command with it",
         description=(
             "Ask tapd for a tap on BR.  With -- CMD ARGS, run CMD with the tap's fds "
-            "inherited, replacing {fd}, {fds}, {vhostfd}, {vhostfds} and {ifname} in "
-            "ARGS.  Without CMD, print the reply and exit: the tap vanishes when "
-            "tapctl exits, because nothing holds its fds any more."
+            "inherited, replacing {fd}, {fds}, {vhostfd}, {vhostfds}, {ifname} and {mac} "
+            "(the guest NIC's MAC) in ARGS.  Without CMD, print the reply and exit: the "
+            "tap vanishes when tapctl exits, because nothing holds its fds any more."
         ),
     )
     req.add_argument("--br", help="bridge to attach the tap to")
@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     req.add_argument("--downscript", metavar="NAME", help="a down script the admin listed")
     req.add_argument("--helper", metavar="NAME", help="a bridge helper the admin listed")
     req.add_argument(
+        "--guest-mac", metavar="MAC", help="the guest NIC's MAC (default: tapd picks a free one)"
+    )
+    req.add_argument(
         "--netdev",
         metavar="OPTS",
         help="QEMU -netdev tap options as is, e.g. 'tap,id=n0,queues=4,vhost=on' "
@@ -64,8 +67,8 @@ def _parser() -> argparse.ArgumentParser:
             "Ask tapd for a persistent tap on BR that a VMM opens itself by name "
             "(Firecracker, crosvm --tap-name, cloud-hypervisor tap=, libvirt "
             "ethernet, QEMU ifname=...,script=no).  With -- CMD ARGS, exec CMD "
-            "replacing {ifname} in ARGS: the lease belongs to this process, so the tap "
-            "is removed when CMD exits.  Without CMD, print the reply and exit, which "
+            "replacing {ifname} and {mac} (the guest NIC's MAC) in ARGS: the lease "
+            "belongs to this process, so the tap is removed when CMD exits.  Without CMD, print the reply and exit, which "
             "removes the tap again."
         ),
     )
@@ -77,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     pvnet.add_argument("--no-vnet-hdr", dest="vnet_hdr", action="store_const", const=False)
     prep.add_argument("--script", metavar="NAME", help="a network script the admin listed")
     prep.add_argument("--downscript", metavar="NAME", help="a down script the admin listed")
+    prep.add_argument(
+        "--guest-mac", metavar="MAC", help="the guest NIC's MAC (default: tapd picks a free one)"
+    )
     prep.add_argument("--json", action="store_true", help="print the reply as JSON")
     prep.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     lst = verbs.add_parser("list", help="your leases (root: all of them)")
@@ -113,6 +119,7 @@ def substitute(args: Sequence[str], grant: client.TapGrant) -> list[str]:
         "{vhostfd}": str(grant.vhost_fds[0]) if grant.vhost_fds else None,
         "{vhostfds}": ":".join(map(str, grant.vhost_fds)) or None,
         "{ifname}": grant.ifname,
+        "{mac}": grant.guest_mac,
     }
     out = []
     for arg in args:
@@ -218,7 +225,7 @@ def _request(args: argparse.Namespace) -> int:
     options = parse_netdev(args.netdev) if args.netdev else {}
     for key in (
         "br", "ifname", "queues", "vnet_hdr", "sndbuf", "vhost", "vhostforce",
-        "script", "downscript", "helper",
+        "script", "downscript", "helper", "guest_mac",
     ):  # fmt: skip
         value = getattr(args, key)
         if value is not None:
@@ -251,6 +258,7 @@ def _prepare(args: argparse.Namespace) -> int:
         vnet_hdr=args.vnet_hdr,
         script=args.script,
         downscript=args.downscript,
+        guest_mac=args.guest_mac,
     )
     if not command:
         if args.json:
@@ -261,7 +269,10 @@ def _prepare(args: argparse.Namespace) -> int:
                 f"mtu {reply['mtu']} queues {reply['queues']} (removed as tapctl exits)"
             )
         return 0
-    argv = [arg.replace("{ifname}", str(reply["ifname"])) for arg in command]
+    argv = [
+        arg.replace("{ifname}", str(reply["ifname"])).replace("{mac}", str(reply["guest_mac"]))
+        for arg in command
+    ]
     try:
         os.execvp(argv[0], argv)
     except OSError as exc:

@@ -27,6 +27,7 @@ from .errors import (
     Unsupported,
     VhostUnavailable,
 )
+from .fence import Fence
 from .netlink import Bridge, Netlink
 
 
@@ -106,6 +107,8 @@ class TapMaker(Protocol):
     def prepare(self, spec: TapSpec, bridge: Bridge) -> MadeTap: ...
 
     def remove(self, index: int) -> bool: ...
+
+    def fence(self, index: int, fence: Fence, guest_mac: str | None) -> None: ...
 
     def adopt(self, spec: AdoptSpec) -> MadeTap: ...
 
@@ -264,6 +267,14 @@ class KernelTaps:
             raise
         made.close()  # the tap stays: it is persistent
         return made
+
+    def fence(self, index: int, fence: Fence, guest_mac: str | None) -> None:
+        """Set the port flags ``fence`` asks for on tap ``index`` (a port of its
+        bridge), and with mac_filtering the static FDB entry that lets
+        ``guest_mac`` through the locked port (worker thread).  Idempotent: a
+        restarted tapd re-applies it."""
+        mac = guest_mac if fence.mac_filtering else None
+        self.netlink.set_port(index, fence.port_flags(), mac)
 
     def remove(self, index: int) -> bool:
         """Remove a tap by index, held or persistent (worker thread); False if
