@@ -68,8 +68,8 @@ def _parser() -> argparse.ArgumentParser:
             "(Firecracker, crosvm --tap-name, cloud-hypervisor tap=, libvirt "
             "ethernet, QEMU ifname=...,script=no).  With -- CMD ARGS, exec CMD "
             "replacing {ifname} and {mac} (the guest NIC's MAC) in ARGS: the lease "
-            "belongs to this process, so the tap is removed when CMD exits.  Without CMD, print the reply and exit, which "
-            "removes the tap again."
+            "belongs to this process, so the tap is removed when CMD exits.  Without "
+            "CMD, print the reply and exit, which removes the tap again."
         ),
     )
     prep.add_argument("--br", required=True, help="bridge to attach the tap to")
