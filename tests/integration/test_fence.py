@@ -1,0 +1,211 @@
+"""Guest MACs and fenced ports against the real kernel: what tapd sets is read
+back from the bridge (``bridge -d -j link``, ``bridge -j fdb``), gone with the
+lease, and set again by a tapd restarted after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tapdtest import Daemon, ip, make_tap_in, run_daemon, taps, wait_until
+
+from tapd import client, tun
+
+pytestmark = pytest.mark.root
+
+FENCED = """
+[taps]
+guest_mac_prefix = "52:54:00:7a"
+
+[[allow]]
+users = ["0"]
+bridges = ["br0"]
+mac_filtering = true
+port_isolation = true
+flood = false
+
+[[allow]]
+users = ["0"]
+bridges = ["br1"]
+"""
+
+
+@pytest.fixture
+def fenced(ns: str, br0: str, tmp_path: Path) -> Iterator[Daemon]:
+    ip("-n", ns, "link", "add", "br1", "type", "bridge")
+    with run_daemon(ns, tmp_path, FENCED) as daemon:
+        yield daemon
+
+
+def port(ns: str, name: str) -> dict[str, Any]:
+    out = subprocess.run(
+        ["bridge", "-n", ns, "-d", "-j", "link", "show", "dev", name],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    (entry,) = json.loads(out)
+    return dict(entry)
+
+
+def static_macs(ns: str, name: str) -> list[str]:
+    out = subprocess.run(
+        ["bridge", "-n", ns, "-j", "fdb", "show", "dev", name],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return sorted(
+        e["mac"] for e in json.loads(out) if e.get("master") and e.get("state") == "static"
+    )
+
+
+def assert_fenced(ns: str, name: str, guest_mac: str) -> None:
+    flags = port(ns, name)
+    assert flags["locked"] is True and flags["isolated"] is True, flags
+    assert flags["learning"] is False and flags["flood"] is False, flags
+    assert static_macs(ns, name) == [guest_mac]
+
+
+def test_a_fenced_grant_is_locked_to_its_guest_mac_and_isolated(fenced: Daemon) -> None:
+    grant = fenced.request(br="br0")
+    try:
+        mac = grant.guest_mac
+        assert mac is not None and mac.startswith("52:54:00:7a:")
+        assert grant.reply["fence"] == {
+            "mac_filtering": True, "port_isolation": True, "flood": False,
+        }  # fmt: skip
+        assert_fenced(fenced.ns, grant.ifname, mac)
+        (lease,) = fenced.leases()
+        assert lease["guest_mac"] == mac and lease["fence"] == grant.reply["fence"]
+        (granted,) = [e for e in fenced.log() if e["event"] == "request.granted"]
+        assert granted["guest_mac"] == mac and granted["fence"] == "M-I-F0"
+    finally:
+        grant.close()
+    wait_until(lambda: taps(fenced.ns) == [], what="the tap to go with its fds")
+    wait_until(lambda: fenced.leases() == [], what="the lease to end")
+
+
+def test_an_unfenced_rule_leaves_the_port_as_the_kernel_makes_it(fenced: Daemon) -> None:
+    grant = fenced.request(br="br1")
+    try:
+        assert grant.guest_mac is not None and grant.reply.get("fence") is None
+        flags = port(fenced.ns, grant.ifname)
+        assert flags["locked"] is False and flags["isolated"] is False
+        assert flags["learning"] is True and flags["flood"] is True
+        assert static_macs(fenced.ns, grant.ifname) == []
+    finally:
+        grant.close()
+
+
+def test_guest_macs_are_unique_among_live_leases(fenced: Daemon) -> None:
+    grants = [fenced.request(br="br1") for _ in range(12)]
+    try:
+        macs = [g.guest_mac for g in grants]
+        assert len(set(macs)) == 12
+        with pytest.raises(client.ClientError) as exc:
+            fenced.request(br="br0", guest_mac=str(macs[0]).upper())
+        assert exc.value.code == "guest-mac-in-use"
+        with pytest.raises(client.ClientError) as exc:
+            fenced.request(br="br0", guest_mac="01:00:5e:00:00:01")
+        assert exc.value.code == "invalid-value" and "multicast" in exc.value.message
+        grants.append(mine := fenced.request(br="br0", guest_mac="52:54:00:7a:00:01"))
+        assert mine.guest_mac == "52:54:00:7a:00:01"
+        assert_fenced(fenced.ns, mine.ifname, "52:54:00:7a:00:01")
+    finally:
+        for g in grants:
+            g.close()
+
+
+def test_the_bridge_helper_cannot_promise_qemu_a_mac_so_a_filtering_rule_refuses_it(
+    fenced: Daemon,
+) -> None:
+    with pytest.raises(client.ClientError) as exc:
+        client.bridge_helper("br0", None, path=fenced.socket_path)
+    assert exc.value.code == "denied"
+    assert "mac_filtering" in exc.value.message and "{mac}" in exc.value.message
+    assert taps(fenced.ns) == []
+
+
+HOLDER = r"""
+import sys, time
+from tapd import client
+grant = client.request_tap(path=sys.argv[1], br="br0")
+print(grant.ifname, grant.guest_mac, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_restarted_tapd_sets_a_lease_fence_again(ns: str, br0: str, tmp_path: Path) -> None:
+    ip("-n", ns, "link", "add", "br1", "type", "bridge")
+    with run_daemon(ns, tmp_path, FENCED) as first:
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, first.socket_path], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert holder.stdout is not None
+            name, mac = holder.stdout.readline().split()
+            assert_fenced(ns, name, mac)
+            first.stop(signal.SIGKILL)
+            # Whatever happened to the port while tapd was away...
+            subprocess.run(
+                ["bridge", "-n", ns, "link", "set", "dev", name, "isolated", "off", "locked",
+                 "off", "learning", "on", "flood", "on"],
+                check=True,
+            )  # fmt: skip
+            subprocess.run(
+                ["bridge", "-n", ns, "fdb", "del", mac, "dev", name, "master"], check=True
+            )
+            assert port(ns, name)["locked"] is False and static_macs(ns, name) == []
+            # ...the restarted tapd fences it again from the lease's tag.
+            again = tmp_path / "again"
+            again.mkdir()
+            with run_daemon(ns, again, FENCED) as second:
+                wait_until(lambda: len(second.leases()) == 1, what="the lease to be restored")
+                assert_fenced(ns, name, mac)
+                (lease,) = second.leases()
+                assert lease["guest_mac"] == mac
+                restored = [e for e in second.log() if e["event"] == "lease.fence.restored"]
+                assert [e["lease"] for e in restored] == [lease["id"]]
+        finally:
+            holder.kill()
+            holder.wait()
+            assert holder.stdout is not None
+            holder.stdout.close()
+
+
+def test_an_adopted_tap_goes_back_unfenced_when_its_owner_exits(fenced: Daemon) -> None:
+    fds = make_tap_in(fenced.ns, "own0")
+    try:
+        adopter = subprocess.Popen(
+            [sys.executable, "-c", ADOPTER, fenced.socket_path, str(fds[0])],
+            pass_fds=fds,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert adopter.stdout is not None
+        mac = adopter.stdout.readline().strip()
+        assert_fenced(fenced.ns, "own0", mac)
+        adopter.kill()
+        adopter.wait()
+        adopter.stdout.close()
+        wait_until(lambda: fenced.leases() == [], what="the adopted lease to be forgotten")
+        wait_until(
+            lambda: port(fenced.ns, "own0")["locked"] is False, what="the port to be unfenced"
+        )
+        flags = port(fenced.ns, "own0")
+        assert flags["isolated"] is False and flags["learning"] is True
+        assert static_macs(fenced.ns, "own0") == []
+    finally:
+        tun.close_all(fds)
+
+
+ADOPTER = r"""
+import sys, time
+from tapd import client
+grant = client.request_tap(path=sys.argv[1], br="br0", fd="t0", send_fds=[int(sys.argv[2])])
+print(grant.guest_mac, flush=True)
+time.sleep(600)
+"""

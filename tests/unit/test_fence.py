@@ -1,0 +1,123 @@
+"""Guest MACs and port fences: pure logic (tapd.fence)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tapd import errors
+from tapd.config import parse
+from tapd.fence import Fence, check_prefix, choose_mac, parse_mac
+from tapd.policy import Peer, Policy
+
+
+@pytest.mark.parametrize(
+    ("text", "mac"),
+    [("52:54:00:AB:cd:01", "52:54:00:ab:cd:01"), ("02:00:00:00:00:01", "02:00:00:00:00:01")],
+)
+def test_macs_are_read_in_lower_case(text: str, mac: str) -> None:
+    assert parse_mac(text) == mac
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("52:54:00:12:34", "not a MAC"),
+        ("52-54-00-12-34-56", "not a MAC"),
+        ("52:54:00:12:34:5g", "not a MAC"),
+        ("01:00:5e:00:00:01", "multicast"),
+        ("ff:ff:ff:ff:ff:ff", "multicast"),
+        ("00:00:00:00:00:00", "all-zero"),
+    ],
+)
+def test_a_guest_mac_must_be_a_unicast_address(text: str, why: str) -> None:
+    with pytest.raises(errors.InvalidValue, match=why):
+        parse_mac(text)
+
+
+@pytest.mark.parametrize("prefix", ["52:54:00", "02", "0a:bc:de:f0:12"])
+def test_prefixes_that_are_locally_administered_unicast(prefix: str) -> None:
+    assert check_prefix(prefix.upper()) == prefix
+
+
+@pytest.mark.parametrize(
+    ("prefix", "why"),
+    [
+        ("00:16:3e", "not locally administered"),  # a vendor's OUI
+        ("03:00", "multicast"),
+        ("52:54:00:00:00:00", "one to five octets"),
+        ("52:54:0", "one to five octets"),
+        ("", "one to five octets"),
+    ],
+)
+def test_prefixes_that_could_collide_with_real_hardware_are_refused(prefix: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        check_prefix(prefix)
+
+
+def test_a_drawn_mac_has_the_prefix_and_is_never_one_in_use() -> None:
+    # 200 of the 256 addresses under this prefix: every draw still finds a free one
+    taken: set[str] = set()
+    for _ in range(200):
+        mac = choose_mac(None, "52:54:00:ab:cd", taken)
+        assert mac.startswith("52:54:00:ab:cd:")
+        assert mac not in taken
+        taken.add(mac)
+
+
+def test_drawing_from_a_full_prefix_says_so() -> None:
+    taken = {f"52:54:00:ab:cd:{b:02x}" for b in range(256)}
+    with pytest.raises(errors.GuestMacInUse, match="no free guest MAC"):
+        choose_mac(None, "52:54:00:ab:cd", taken)
+
+
+def test_a_wanted_mac_is_given_unless_a_live_lease_has_it() -> None:
+    assert choose_mac("52:54:00:00:00:AA", "52:54:00", set()) == "52:54:00:00:00:aa"
+    with pytest.raises(errors.GuestMacInUse, match="already the guest MAC of a live lease"):
+        choose_mac("52:54:00:00:00:AA", "52:54:00", {"52:54:00:00:00:aa"})
+
+
+@pytest.mark.parametrize(
+    ("fence", "flags", "tag"),
+    [
+        (Fence(), {}, ""),
+        (Fence(mac_filtering=True), {"locked": True, "learning": False}, "M"),
+        (Fence(isolated=True), {"isolated": True}, "I"),
+        (
+            Fence(mac_filtering=True, isolated=True, learning=True, flood=False),
+            # a locked port must not learn: the guest would add addresses
+            {"locked": True, "learning": False, "isolated": True, "unicast_flood": False},
+            "M-I-L1-F0",
+        ),
+        (Fence(learning=False, flood=True), {"learning": False, "unicast_flood": True}, "L0-F1"),
+    ],
+)
+def test_fences_become_port_flags_and_survive_the_lease_tag(
+    fence: Fence, flags: dict[str, bool], tag: str
+) -> None:
+    assert fence.port_flags() == flags
+    assert fence.tag() == tag
+    assert Fence.from_tag(tag) == fence
+    assert fence.wanted == bool(flags)
+
+
+def test_the_allow_rule_that_grants_decides_the_fence() -> None:
+    config = parse(
+        """
+[[allow]]
+users = ["1000"]
+bridges = ["tenants"]
+mac_filtering = true
+port_isolation = true
+flood = false
+
+[[allow]]
+users = ["1000"]
+bridges = ["lab"]
+"""
+    )
+    policy = Policy(config)
+    peer = Peer(uid=1000, gid=1000, pid=1)
+    assert policy.check(peer, "tenants").fence == Fence(
+        mac_filtering=True, isolated=True, flood=False
+    )
+    assert not policy.check(peer, "lab").fence.wanted
