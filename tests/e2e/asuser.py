@@ -85,7 +85,7 @@ def as_user(*argv: str, env: dict[str, str] | None = None) -> list[str]:
 #: leave it 0600, and a VMM that opens its tap by name must open the device.
 _OPEN_TUN = (
     'if [ "$(stat -c %a /dev/net/tun)" != 666 ]; then '
-    "d=$(mktemp -d) && mount -t tmpfs tapd-tun \"$d\" && mknod -m 666 \"$d/tun\" c 10 200 "
+    'd=$(mktemp -d) && mount -t tmpfs tapd-tun "$d" && mknod -m 666 "$d/tun" c 10 200 '
     '&& mount --bind "$d/tun" /dev/net/tun; fi && exec "$@"'
 )
 
