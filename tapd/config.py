@@ -19,6 +19,7 @@ from typing import Annotated, Self
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -27,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from .fence import DEFAULT_PREFIX, check_prefix
+from .fence import DEFAULT_PREFIX, check_prefix, parse_rate
 from .options import ifname_problem
 from .tun import TUN_PATH
 
@@ -148,6 +149,13 @@ def _program(path: str) -> str:
     return path
 
 
+def _rate(value: object) -> object:
+    return parse_rate(value) if isinstance(value, str) else value
+
+
+#: a rate in bits a second, written as tc writes it ("10Mbit", "500kbit")
+Rate = Annotated[int, BeforeValidator(_rate)]
+
 #: what clients name a helper or hook by (never a path)
 ProgramName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 Program = Annotated[str, AfterValidator(_program)]
@@ -205,6 +213,9 @@ class AllowRule(DenyRule):
     #: the port's learning and unicast-flood flags (absent: the kernel's default)
     learning: bool | None = None
     flood: bool | None = None
+    #: what one tap's guest may receive / send, as tc writes rates ("10Mbit")
+    ingress_limit: Rate | None = None
+    egress_limit: Rate | None = None
 
 
 class Config(_Section):

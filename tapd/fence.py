@@ -15,6 +15,13 @@ and br_forward.c, should_deliver):
 * ``learning`` / ``flood``: the port's learning and unicast-flood flags as the
   admin sets them (``mac_filtering`` turns learning off by itself: a locked
   port that learns would let the guest add addresses).
+* ``ingress_limit`` / ``egress_limit``: what the guest may receive and send,
+  in bits a second, shaped with the kernel's token bucket filter (``tbf``).
+  What the guest receives leaves the host through the tap, so its ``tbf`` is
+  the tap's root qdisc.  What the guest sends arrives on the tap, and this
+  kernel has no ingress policer (no ``police`` action, no ``matchall``): it is
+  redirected (``u32`` match-all, ``mirred``) to an ``ifb`` device of the
+  lease's own, whose root qdisc is the second ``tbf``.
 
 The guest's MAC is tapd's, not QEMU's, idea: every grant carries one
 (``guest_mac``), the request's own if it asked for a free one, else one tapd
@@ -88,23 +95,65 @@ def choose_mac(wanted: str | None, prefix: str, taken: Container[str]) -> str:
     raise GuestMacInUse(f"no free guest MAC under {prefix}; ask the administrator for a wider one")
 
 
+_RATE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(bit|bps)", re.IGNORECASE)
+_SCALE = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_rate(text: str) -> int:
+    """A rate as tc(8) writes it ("10Mbit", "500kbit", "1.5mbps": bit for
+    bits, bps for bytes, decimal prefixes) in bits a second."""
+    match = _RATE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f'{text!r} is not a rate like "10Mbit" or "500kbit"')
+    number, prefix, unit = match.groups()
+    bits = float(number) * _SCALE[prefix.lower()] * (8 if unit.lower() == "bps" else 1)
+    if not 8_000 <= bits <= 10**12:
+        raise ValueError(f"{text!r} is outside 8kbit..1Tbit")
+    return int(bits)
+
+
+def ifb_name(index: int) -> str:
+    """The ifb device that shapes what the guest on tap ``index`` sends: named
+    from the tap's index (never reused while the tap lives), so that a
+    restarted tapd finds it, and an orphan, without a record of its own."""
+    return f"{IFB_PREFIX}{index:x}"
+
+
+def ifb_tap(name: str) -> int | None:
+    """The tap index an ifb name of :func:`ifb_name`'s stands for, or None."""
+    suffix = name.removeprefix(IFB_PREFIX)
+    if suffix == name or not suffix or len(suffix) > 8:
+        return None
+    try:
+        return int(suffix, 16)
+    except ValueError:
+        return None
+
+
+#: ifb devices tapd makes are named this and the tap's index in hex (an
+#: ifindex is an int: at most 8 hex digits, 15 bytes in all, IFNAMSIZ)
+IFB_PREFIX = "tapdifb"
+
+
 @dataclass(frozen=True)
 class Fence:
-    """The port flags an allow rule asks for (None: leave the kernel's default)."""
+    """The port flags an allow rule asks for (None: leave the kernel's default)
+    and the rates it allows, in bits a second (None: unlimited)."""
 
     mac_filtering: bool = False
     isolated: bool = False
     learning: bool | None = None
     flood: bool | None = None
+    ingress: int | None = None  # to the guest
+    egress: int | None = None  # from the guest
 
     @property
     def wanted(self) -> bool:
-        return (
-            self.mac_filtering
-            or self.isolated
-            or self.learning is not None
-            or self.flood is not None
-        )
+        return bool(self.port_flags()) or self.shaped
+
+    @property
+    def shaped(self) -> bool:
+        return self.ingress is not None or self.egress is not None
 
     def port_flags(self) -> dict[str, bool]:
         """The bridge port flags to set, by their rtnetlink names
@@ -132,6 +181,10 @@ class Fence:
             parts.append(f"L{int(self.learning)}")
         if self.flood is not None:
             parts.append(f"F{int(self.flood)}")
+        if self.ingress is not None:
+            parts.append(f"i{self.ingress}")
+        if self.egress is not None:
+            parts.append(f"o{self.egress}")
         return "-".join(parts)
 
     @classmethod
@@ -139,15 +192,28 @@ class Fence:
         parts = set(text.split("-")) if text else set()
         learning = True if "L1" in parts else False if "L0" in parts else None
         flood = True if "F1" in parts else False if "F0" in parts else None
+        rates = {p[0]: int(p[1:]) for p in parts if p[:1] in ("i", "o") and p[1:].isdigit()}
         return cls(
-            mac_filtering="M" in parts, isolated="I" in parts, learning=learning, flood=flood
+            mac_filtering="M" in parts,
+            isolated="I" in parts,
+            learning=learning,
+            flood=flood,
+            ingress=rates.get("i"),
+            egress=rates.get("o"),
         )
 
-    def describe(self) -> dict[str, bool]:
+    def describe(self) -> dict[str, bool | int]:
         """For the wire and the audit log: what this port may not do."""
-        out = {"mac_filtering": self.mac_filtering, "port_isolation": self.isolated}
+        out: dict[str, bool | int] = {
+            "mac_filtering": self.mac_filtering,
+            "port_isolation": self.isolated,
+        }
         if self.learning is not None:
             out["learning"] = self.learning
         if self.flood is not None:
             out["flood"] = self.flood
+        if self.ingress is not None:
+            out["ingress_limit"] = self.ingress
+        if self.egress is not None:
+            out["egress_limit"] = self.egress
         return out

@@ -72,6 +72,10 @@ class Lifecycle:
         )
         if lease.downscript:
             self._spawn(self._downscript, lease)
+        if lease.fence and Fence.from_tag(lease.fence).egress is not None:
+            # The tap's own qdiscs went with it; the ifb that shaped what its
+            # guest sent is a device of its own.
+            self._spawn(self._unshape, lease)
 
     async def _downscript(self, lease: Lease) -> None:
         assert lease.downscript is not None
@@ -165,9 +169,17 @@ class Lifecycle:
                 await self.worker.run(
                     self.netlink.clear_port, lease.ifindex, fence.port_flags(), mac
                 )
+                if fence.shaped:
+                    await self.worker.run(self.netlink.unshape, lease.ifindex, True)
             await self.worker.run(self.netlink.clear_tag, lease.ifindex)
         except Exception:
             self.log.exception("lease.untag.failed", lease=lease.id)
+
+    async def _unshape(self, lease: Lease, tap_too: bool = False) -> None:
+        try:
+            await self.worker.run(self.netlink.unshape, lease.ifindex, tap_too)
+        except Exception:
+            self.log.exception("lease.unshape.failed", lease=lease.id)
 
     async def _refence(self, lease: Lease) -> None:
         """A restarted tapd sets a restored lease's port flags again: they are
@@ -177,6 +189,10 @@ class Lifecycle:
         mac = lease.guest_mac if fence.mac_filtering else None
         try:
             await self.worker.run(self.netlink.set_port, lease.ifindex, fence.port_flags(), mac)
+            if fence.shaped:
+                await self.worker.run(
+                    self.netlink.shape, lease.ifindex, fence.ingress, fence.egress
+                )
         except Exception:
             self.log.exception("lease.fence.failed", lease=lease.id)
         else:
@@ -217,4 +233,10 @@ class Lifecycle:
             with contextlib.suppress(Exception):
                 await self.worker.run(self.netlink.delete, index)
             removed += 1
+        # Shaping devices whose tap went while tapd was away.
+        try:
+            for index in await self.worker.run(self.netlink.orphan_ifbs):
+                await self.worker.run(self.netlink.delete, index)
+        except Exception:
+            self.log.exception("lease.unshape.failed")
         self.log.info("lease.reconciled", kept=kept, removed=removed, forgotten=forgotten)

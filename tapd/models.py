@@ -178,7 +178,7 @@ class TapReply(_Frozen):
     #: the MAC the guest's NIC must use (tapctl's {mac}); the tap's own is ``mac``
     guest_mac: str | None = None
     #: what the port may not do, as the allow rule says (absent: nothing fenced)
-    fence: dict[str, bool] | None = None
+    fence: dict[str, bool | int] | None = None
 
 
 class PrepareReply(_Frozen):
@@ -197,7 +197,7 @@ class PrepareReply(_Frozen):
     mtu: int
     warnings: tuple[str, ...] = ()
     guest_mac: str | None = None
-    fence: dict[str, bool] | None = None
+    fence: dict[str, bool | int] | None = None
 
 
 class LeaseInfo(_Frozen):
@@ -215,7 +215,7 @@ class LeaseInfo(_Frozen):
     #: made with the prepare op: a persistent tap the VMM opens by name
     prepared: bool = False
     guest_mac: str | None = None
-    fence: dict[str, bool] | None = None
+    fence: dict[str, bool | int] | None = None
 
 
 class ListReply(_Frozen):

@@ -115,6 +115,8 @@ class Policy:
                     isolated=allow.port_isolation,
                     learning=allow.learning,
                     flood=allow.flood,
+                    ingress=allow.ingress_limit,
+                    egress=allow.egress_limit,
                 ),
             )
         raise Denied(

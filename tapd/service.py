@@ -196,7 +196,7 @@ def _reply(made: MadeTap, fds: int, lease: Lease) -> TapReply | PrepareReply:
     )
 
 
-def _fence(lease: Lease) -> dict[str, bool] | None:
+def _fence(lease: Lease) -> dict[str, bool | int] | None:
     return Fence.from_tag(lease.fence).describe() if lease.fence else None
 
 

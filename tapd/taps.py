@@ -275,6 +275,8 @@ class KernelTaps:
         restarted tapd re-applies it."""
         mac = guest_mac if fence.mac_filtering else None
         self.netlink.set_port(index, fence.port_flags(), mac)
+        if fence.shaped:
+            self.netlink.shape(index, fence.ingress, fence.egress)
 
     def remove(self, index: int) -> bool:
         """Remove a tap by index, held or persistent (worker thread); False if

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tapdtest import Daemon, ip, make_tap_in, run_daemon, taps, wait_until
+from tapdtest import Daemon, ip, links, make_tap_in, run_daemon, taps, wait_until
 
 from tapd import client, tun
+from tapd.fence import ifb_name
 
 pytestmark = pytest.mark.root
 
@@ -209,3 +210,99 @@ grant = client.request_tap(path=sys.argv[1], br="br0", fd="t0", send_fds=[int(sy
 print(grant.guest_mac, flush=True)
 time.sleep(600)
 """
+
+
+SHAPED = """
+[[allow]]
+users = ["0"]
+bridges = ["br0"]
+ingress_limit = "8Mbit"
+egress_limit = "2Mbit"
+"""
+
+
+def qdiscs(ns: str, dev: str) -> list[dict[str, Any]]:
+    out = subprocess.run(
+        ["tc", "-n", ns, "-j", "qdisc", "show", "dev", dev], capture_output=True, text=True,
+        check=True,
+    ).stdout  # fmt: skip
+    return list(json.loads(out))
+
+
+def tbf_rate(ns: str, dev: str) -> int | None:
+    """The root tbf's rate in bits a second (tc -j reports bytes a second)."""
+    for q in qdiscs(ns, dev):
+        if q["kind"] == "tbf" and q.get("root"):
+            return int(q["options"]["rate"]) * 8
+    return None
+
+
+def redirect_target(ns: str, dev: str) -> str | None:
+    out = subprocess.run(
+        ["tc", "-n", ns, "filter", "show", "dev", dev, "parent", "ffff:"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    marker = "Redirect to device "
+    if marker not in out:
+        return None
+    return out.split(marker, 1)[1].split(")", 1)[0]
+
+
+def assert_shaped(ns: str, tap: str) -> str:
+    index = links(ns)[tap]["ifindex"]
+    ifb = ifb_name(index)
+    assert tbf_rate(ns, tap) == 8_000_000  # what the guest receives
+    assert ifb in links(ns), "no ifb for what the guest sends"
+    assert tbf_rate(ns, ifb) == 2_000_000
+    assert redirect_target(ns, tap) == ifb
+    return ifb
+
+
+def test_a_rate_limited_grant_is_shaped_both_ways_until_its_lease_ends(
+    ns: str, br0: str, tmp_path: Path
+) -> None:
+    with run_daemon(ns, tmp_path, SHAPED) as daemon:
+        grant = daemon.request(br="br0")
+        try:
+            ifb = assert_shaped(ns, grant.ifname)
+            assert grant.reply["fence"]["ingress_limit"] == 8_000_000
+            assert grant.reply["fence"]["egress_limit"] == 2_000_000
+        finally:
+            grant.close()
+        wait_until(lambda: taps(ns) == [], what="the tap to go")
+        wait_until(lambda: ifb not in links(ns), what="the lease's ifb to go with it")
+
+
+def test_a_restarted_tapd_shapes_again_and_removes_ifbs_of_taps_gone_meanwhile(
+    ns: str, br0: str, tmp_path: Path
+) -> None:
+    first_dir, second_dir = tmp_path / "1", tmp_path / "2"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    with run_daemon(ns, first_dir, SHAPED) as first:
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, first.socket_path], stdout=subprocess.PIPE, text=True
+        )
+        gone = first.request(br="br0")
+        try:
+            assert holder.stdout is not None
+            name = holder.stdout.readline().split()[0]
+            ifb = assert_shaped(ns, name)
+            gone_ifb = assert_shaped(ns, gone.ifname)
+            first.stop(signal.SIGKILL)
+            # while tapd is away: one tap's shaping is torn off, another tap goes
+            subprocess.run(["tc", "-n", ns, "qdisc", "del", "dev", name, "root"], check=True)
+            ip("-n", ns, "link", "del", ifb)
+            gone.close()
+            wait_until(lambda: gone.ifname not in links(ns), what="the other tap to go")
+            assert gone_ifb in links(ns)  # nobody was there to remove it
+            with run_daemon(ns, second_dir, SHAPED) as second:
+                wait_until(lambda: len(second.leases()) == 1, what="the lease to be restored")
+                wait_until(lambda: gone_ifb not in links(ns), what="the orphan ifb to go")
+                assert_shaped(ns, name)
+        finally:
+            gone.close()
+            holder.kill()
+            holder.wait()
+            assert holder.stdout is not None
+            holder.stdout.close()

@@ -6,7 +6,15 @@ import pytest
 
 from tapd import errors
 from tapd.config import parse
-from tapd.fence import Fence, check_prefix, choose_mac, parse_mac
+from tapd.fence import (
+    Fence,
+    check_prefix,
+    choose_mac,
+    ifb_name,
+    ifb_tap,
+    parse_mac,
+    parse_rate,
+)
 from tapd.policy import Peer, Policy
 
 
@@ -121,3 +129,59 @@ bridges = ["lab"]
         mac_filtering=True, isolated=True, flood=False
     )
     assert not policy.check(peer, "lab").fence.wanted
+
+
+@pytest.mark.parametrize(
+    ("text", "bits"),
+    [
+        ("10Mbit", 10_000_000),
+        ("500kbit", 500_000),
+        ("1.5gbit", 1_500_000_000),
+        ("8000bit", 8000),
+        ("1mbps", 8_000_000),  # tc(8): bps is bytes a second
+        (" 2 Mbit ", 2_000_000),
+    ],
+)
+def test_rates_are_read_as_tc_writes_them(text: str, bits: int) -> None:
+    assert parse_rate(text) == bits
+
+
+@pytest.mark.parametrize("text", ["10", "10M", "fast", "-1mbit", "7999bit", "2tbit", "1e6bit"])
+def test_rates_tc_would_not_take_are_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_rate(text)
+
+
+def test_rates_ride_in_the_lease_tag() -> None:
+    fence = Fence(mac_filtering=True, ingress=10_000_000, egress=2_000_000)
+    assert fence.tag() == "M-i10000000-o2000000"
+    assert Fence.from_tag(fence.tag()) == fence
+    assert fence.shaped and fence.wanted and Fence(egress=8000).wanted
+    assert fence.describe()["ingress_limit"] == 10_000_000
+
+
+def test_a_rule_sets_rates_in_tcs_words() -> None:
+    config = parse(
+        """
+[[allow]]
+users = ["1000"]
+bridges = ["*"]
+ingress_limit = "10Mbit"
+egress_limit = "500kbit"
+"""
+    )
+    fence = Policy(config).check(Peer(uid=1000, gid=1000, pid=1), "br0").fence
+    assert (fence.ingress, fence.egress) == (10_000_000, 500_000)
+    with pytest.raises(Exception, match="not a rate"):
+        parse('[[allow]]\nusers = ["1"]\negress_limit = "lots"\n')
+
+
+@pytest.mark.parametrize("index", [1, 4242, 2**31 - 1])
+def test_ifb_names_fit_an_interface_name_and_name_their_tap(index: int) -> None:
+    assert len(ifb_name(index)) <= 15
+    assert ifb_tap(ifb_name(index)) == index
+
+
+@pytest.mark.parametrize("name", ["tapdifb", "tapdifbxyz", "ifb0", "tapdifb123456789", "br0"])
+def test_other_names_are_no_ifb_of_tapds(name: str) -> None:
+    assert ifb_tap(name) is None
