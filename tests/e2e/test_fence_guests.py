@@ -6,6 +6,7 @@ control), so a failure to ping in the fenced run is the fence's doing."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,3 +85,67 @@ def test_a_fenced_guest_reaches_the_bridge_only_and_a_spoofing_one_nothing(
         else:
             assert report_b.get("ping") == "ok", f"B:\n{b.output}\nA:\n{a.output}"
             assert report_c.get("ping") == "ok", c.output
+
+
+# -- rate limits, measured by the guest ----------------------------------------
+
+#: a tiny HTTP server on the bridge: GET /N answers N bytes, POST swallows the body
+HTTP_SERVER = r"""
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        n = int(self.path.strip("/"))
+        self.send_response(200)
+        self.send_header("Content-Length", str(n))
+        self.end_headers()
+        chunk = bytes(65536)
+        while n:
+            self.wfile.write(chunk[: min(n, len(chunk))])
+            n -= min(n, len(chunk))
+    def do_POST(self):
+        n = int(self.headers["Content-Length"])
+        while n:
+            n -= len(self.rfile.read(min(n, 65536)))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer((sys.argv[1], 8080), H).serve_forever()
+"""
+
+INGRESS_BITS, EGRESS_BITS = 4_000_000, 2_000_000
+FETCH_BYTES, POST_KIB = 2_000_000, 500
+
+
+@pytest.mark.parametrize("shaped", [True, False], ids=["limited", "control"])
+def test_a_guest_measures_its_own_rate_limits(
+    shaped: bool, ns: str, br0: str, tmp_path: Path, guest_image: GuestImage
+) -> None:
+    limits = f'ingress_limit = "{INGRESS_BITS}bit"\negress_limit = "{EGRESS_BITS}bit"'
+    ip("-n", ns, "addr", "add", f"{BRIDGE}/24", "dev", "br0")
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", HTTP_SERVER, BRIDGE]
+    )
+    try:
+        with run_daemon(ns, tmp_path, RULE.format(fence=limits if shaped else "")) as daemon:
+            url = f"http://{BRIDGE}:8080"
+            vm = guest(
+                daemon, guest_image, A, BRIDGE, "{mac}",
+                f"tapd.fetch={url}/{FETCH_BYTES} tapd.post={url}/,{POST_KIB}",
+            )  # fmt: skip
+            with vm:
+                report = vm.wait_for("post", timeout=240)
+        assert report.get("fetch") == "ok" and report.get("post") == "ok", vm.output
+        received = FETCH_BYTES * 8 / (float(report["ft1"]) - float(report["ft0"]))
+        sent = POST_KIB * 1024 * 8 / (float(report["pt1"]) - float(report["pt0"]))
+        print(f"guest received {received / 1e6:.2f} Mbit/s, sent {sent / 1e6:.2f} Mbit/s")
+        if shaped:
+            assert 0.8 * INGRESS_BITS <= received <= 1.2 * INGRESS_BITS, received
+            assert 0.8 * EGRESS_BITS <= sent <= 1.2 * EGRESS_BITS, sent
+        else:
+            # the control shows the limit, not the guest, is what held it back
+            assert received > 1.5 * INGRESS_BITS and sent > 1.5 * EGRESS_BITS, (received, sent)
+    finally:
+        server.kill()
+        server.wait()
