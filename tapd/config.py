@@ -8,6 +8,7 @@ what would be valid.
 from __future__ import annotations
 
 import grp
+import ipaddress
 import os
 import pwd
 import re
@@ -156,6 +157,16 @@ def _rate(value: object) -> object:
 #: a rate in bits a second, written as tc writes it ("10Mbit", "500kbit")
 Rate = Annotated[int, BeforeValidator(_rate)]
 
+
+def _ip_range(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value, strict=True))
+    except ValueError as exc:
+        raise ValueError(f'{value!r} is not a network like "10.0.0.0/24": {exc}') from None
+
+
+IpRange = Annotated[str, AfterValidator(_ip_range)]
+
 #: what clients name a helper or hook by (never a path)
 ProgramName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 Program = Annotated[str, AfterValidator(_program)]
@@ -176,6 +187,8 @@ class ProgramsConfig(_Section):
     helper_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
     #: seconds a script may run
     hook_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
+    #: nft(8), for rules with ip_ranges (Debian's nftables package)
+    nft: str = "/usr/sbin/nft"
 
 
 class DenyRule(_Section):
@@ -216,6 +229,9 @@ class AllowRule(DenyRule):
     #: what one tap's guest may receive / send, as tc writes rates ("10Mbit")
     ingress_limit: Rate | None = None
     egress_limit: Rate | None = None
+    #: the networks a guest's addresses must come from: a request then names
+    #: its guest's addresses (guest_ips), and the tap passes no other (nftables)
+    ip_ranges: tuple[IpRange, ...] = ()
 
 
 class Config(_Section):
@@ -225,6 +241,12 @@ class Config(_Section):
     programs: ProgramsConfig = ProgramsConfig()
     allow: tuple[AllowRule, ...] = (AllowRule(users=("0",)),)
     deny: tuple[DenyRule, ...] = ()
+
+    @model_validator(mode="after")
+    def _nft_for_ip_ranges(self) -> Self:
+        if any(rule.ip_ranges for rule in self.allow):
+            _program(self.programs.nft)  # rules that filter addresses need it
+        return self
 
 
 class ConfigError(Exception):

@@ -30,12 +30,20 @@ draws under a locally administered prefix, unique among live leases.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import secrets
 from collections.abc import Container
 from dataclasses import dataclass
 
-from .errors import GuestMacInUse, InvalidValue
+from .errors import (
+    Denied,
+    GuestIpInUse,
+    GuestIpsRequired,
+    GuestMacInUse,
+    InvalidValue,
+    NotApplicable,
+)
 
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 _PREFIX = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){0,4}")
@@ -146,10 +154,12 @@ class Fence:
     flood: bool | None = None
     ingress: int | None = None  # to the guest
     egress: int | None = None  # from the guest
+    #: the rule has ip_ranges: the tap passes only the lease's guest_ips (nft)
+    ip_filter: bool = False
 
     @property
     def wanted(self) -> bool:
-        return bool(self.port_flags()) or self.shaped
+        return bool(self.port_flags()) or self.shaped or self.ip_filter
 
     @property
     def shaped(self) -> bool:
@@ -185,6 +195,8 @@ class Fence:
             parts.append(f"i{self.ingress}")
         if self.egress is not None:
             parts.append(f"o{self.egress}")
+        if self.ip_filter:
+            parts.append("P")
         return "-".join(parts)
 
     @classmethod
@@ -200,6 +212,7 @@ class Fence:
             flood=flood,
             ingress=rates.get("i"),
             egress=rates.get("o"),
+            ip_filter="P" in parts,
         )
 
     def describe(self) -> dict[str, bool | int]:
@@ -216,4 +229,41 @@ class Fence:
             out["ingress_limit"] = self.ingress
         if self.egress is not None:
             out["egress_limit"] = self.egress
+        if self.ip_filter:
+            out["ip_filtering"] = True
         return out
+
+
+def check_guest_ips(
+    wanted: list[str] | None, ranges: tuple[str, ...], rule: str, taken: Container[str]
+) -> tuple[str, ...]:
+    """The addresses a lease may use: none without ``ranges``; with them, the
+    request must name its guest's addresses, each inside one of the ranges
+    and no live lease's."""
+    if not ranges:
+        if wanted:
+            raise NotApplicable(
+                f"guest_ips: {rule} filters no addresses, so there is nothing to fence "
+                "them with; leave guest_ips out"
+            )
+        return ()
+    if not wanted:
+        raise GuestIpsRequired(
+            f"{rule} lets a guest use only addresses it names: give guest_ips, e.g. "
+            f'"guest_ips": ["{ipaddress.ip_network(ranges[0])[1]}"], from {", ".join(ranges)}'
+        )
+    networks = [ipaddress.ip_network(r) for r in ranges]
+    found: list[str] = []
+    for text in wanted:
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            raise InvalidValue(f"guest_ips: {text!r} is not an IP address") from None
+        if not any(address in network for network in networks):
+            raise Denied(
+                f"guest_ips: {address} is outside what {rule} allows ({', '.join(ranges)})"
+            ).about(rule=rule)
+        if str(address) in taken or str(address) in found:
+            raise GuestIpInUse(f"guest_ips: {address} is already a live lease's address")
+        found.append(str(address))
+    return tuple(found)

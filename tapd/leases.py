@@ -48,9 +48,20 @@ class Lease:
     guest_mac: str | None = None
     #: the port flags the rule asked for (tapd.fence.Fence.tag), "" for none
     fence: str = ""
+    #: the only source addresses the tap passes, when the rule filters them
+    guest_ips: tuple[str, ...] = ()
+
+    def fits(self) -> bool:
+        """Whether the tag fits an interface alias (IFALIASZ)."""
+        return len(self._tag().encode()) < IFALIASZ
 
     def tag(self) -> str:
         """The interface alias that lets a restarted tapd find this lease."""
+        tag = self._tag()
+        assert len(tag.encode()) < IFALIASZ
+        return tag
+
+    def _tag(self) -> str:
         fields = [
             TAG_PREFIX,
             f"id={self.id}",
@@ -72,14 +83,15 @@ class Lease:
             fields.append(f"gmac={self.guest_mac}")
         if self.fence:
             fields.append(f"fence={self.fence}")
-        tag = " ".join(fields)
-        assert len(tag.encode()) < IFALIASZ
-        return tag
+        if self.guest_ips:
+            fields.append(f"ips={','.join(self.guest_ips)}")
+        return " ".join(fields)
 
     def to_wire(self) -> dict[str, Any]:
         wire = asdict(self)
         del wire["starttime"]
         wire["fence"] = Fence.from_tag(self.fence).describe() if self.fence else None
+        wire["guest_ips"] = self.guest_ips or None
         return wire
 
 
@@ -105,6 +117,7 @@ def parse_tag(ifindex: int, ifname: str, alias: str | None) -> Lease | None:
             prepared=fields.get("prepared") == "1",
             guest_mac=fields.get("gmac") or None,
             fence=fields.get("fence", ""),
+            guest_ips=tuple(ip for ip in fields.get("ips", "").split(",") if ip),
         )
     except (KeyError, ValueError):
         return None
@@ -116,8 +129,9 @@ class Registry:
     def __init__(self) -> None:
         self._by_index: dict[int, Lease] = {}
         self._per_uid: Counter[int] = Counter()
-        #: guest MACs of live leases: a new lease never takes one of them
+        #: guest MACs and addresses of live leases: a new lease never takes one
         self.guest_macs: Counter[str] = Counter()
+        self.guest_ips: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return len(self._by_index)
@@ -130,6 +144,7 @@ class Registry:
         self._per_uid[lease.uid] += 1
         if lease.guest_mac:
             self.guest_macs[lease.guest_mac] += 1
+        self.guest_ips.update(lease.guest_ips)
 
     def pop(self, ifindex: int) -> Lease | None:
         lease = self._by_index.pop(ifindex, None)
@@ -145,6 +160,10 @@ class Registry:
             self.guest_macs[lease.guest_mac] -= 1
             if not self.guest_macs[lease.guest_mac]:
                 del self.guest_macs[lease.guest_mac]
+        self.guest_ips.subtract(lease.guest_ips)
+        for ip in lease.guest_ips:
+            if not self.guest_ips[ip]:
+                del self.guest_ips[ip]
 
     def get(self, ifindex: int) -> Lease | None:
         return self._by_index.get(ifindex)

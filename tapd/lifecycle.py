@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from . import log as logging
-from . import owner, programs
+from . import nft, owner, programs
 from .config import Config
 from .errors import Denied
 from .fence import Fence
@@ -72,10 +72,13 @@ class Lifecycle:
         )
         if lease.downscript:
             self._spawn(self._downscript, lease)
-        if lease.fence and Fence.from_tag(lease.fence).egress is not None:
+        fence = Fence.from_tag(lease.fence)
+        if fence.egress is not None:
             # The tap's own qdiscs went with it; the ifb that shaped what its
             # guest sent is a device of its own.
             self._spawn(self._unshape, lease)
+        if fence.ip_filter:
+            self._spawn(self._unfilter, lease.ifname)
 
     async def _downscript(self, lease: Lease) -> None:
         assert lease.downscript is not None
@@ -181,6 +184,23 @@ class Lifecycle:
         except Exception:
             self.log.exception("lease.unshape.failed", lease=lease.id)
 
+    async def _unfilter(self, ifname: str) -> None:
+        """Take a lease's address filter (its nftables chain) away."""
+        try:
+            await programs.run_nft(self.config.programs.nft, nft.remove_lease(ifname))
+        except Exception as exc:
+            self.log.warning("lease.unfilter.failed", ifname=ifname, error=str(exc))
+
+    async def _unfilter_orphans(self) -> None:
+        path = self.config.programs.nft
+        if not os.access(path, os.X_OK):
+            return  # no nft here: no rule filters addresses, and none can be left
+        listing = await programs.list_nft_table(path, "bridge", nft.TABLE)
+        leased = {lease.ifname for lease in self.registry.visible_to(0)}
+        for ifname in nft.leased_ifnames(listing or {}):
+            if ifname not in leased:
+                await self._unfilter(ifname)
+
     async def _refence(self, lease: Lease) -> None:
         """A restarted tapd sets a restored lease's port flags again: they are
         the kernel's state and normally still there, but nothing else may have
@@ -193,6 +213,9 @@ class Lifecycle:
                 await self.worker.run(
                     self.netlink.shape, lease.ifindex, fence.ingress, fence.egress
                 )
+            if fence.ip_filter:
+                document = nft.lease_rules(lease.ifname, lease.guest_mac, lease.guest_ips)
+                await programs.run_nft(self.config.programs.nft, document)
         except Exception:
             self.log.exception("lease.fence.failed", lease=lease.id)
         else:
@@ -233,10 +256,11 @@ class Lifecycle:
             with contextlib.suppress(Exception):
                 await self.worker.run(self.netlink.delete, index)
             removed += 1
-        # Shaping devices whose tap went while tapd was away.
+        # Shaping devices and address filters whose tap went while tapd was away.
         try:
             for index in await self.worker.run(self.netlink.orphan_ifbs):
                 await self.worker.run(self.netlink.delete, index)
         except Exception:
             self.log.exception("lease.unshape.failed")
+        await self._unfilter_orphans()
         self.log.info("lease.reconciled", kept=kept, removed=removed, forgotten=forgotten)

@@ -66,8 +66,12 @@ class TapOptions(_Frozen):
 #: will use.  Absent: tapd picks a free one.  Granted replies say which.
 GuestMac = Annotated[str, Field(min_length=1, max_length=32)]
 
+#: tapd's own request key: the addresses the guest will use, when its allow
+#: rule has ip_ranges (the tap passes no other source address)
+GuestIps = Annotated[list[Annotated[str, Field(max_length=45)]], Field(min_length=1, max_length=4)]
+
 #: the keys of a request that are tapd's own, beside QAPI's NetdevTapOptions
-TAPD_REQUEST_KEYS = frozenset({"guest_mac"})
+TAPD_REQUEST_KEYS = frozenset({"guest_mac", "guest_ips"})
 
 
 class TapRequest(TapOptions):
@@ -75,6 +79,7 @@ class TapRequest(TapOptions):
 
     op: Literal["request"]
     guest_mac: GuestMac | None = None
+    guest_ips: GuestIps | None = None
 
 
 class PrepareRequest(TapOptions):
@@ -86,6 +91,7 @@ class PrepareRequest(TapOptions):
 
     op: Literal["prepare"]
     guest_mac: GuestMac | None = None
+    guest_ips: GuestIps | None = None
 
 
 class HelloRequest(_Frozen):
@@ -179,6 +185,8 @@ class TapReply(_Frozen):
     guest_mac: str | None = None
     #: what the port may not do, as the allow rule says (absent: nothing fenced)
     fence: dict[str, bool | int] | None = None
+    #: the only source addresses the tap passes (when the rule has ip_ranges)
+    guest_ips: tuple[str, ...] | None = None
 
 
 class PrepareReply(_Frozen):
@@ -198,6 +206,7 @@ class PrepareReply(_Frozen):
     warnings: tuple[str, ...] = ()
     guest_mac: str | None = None
     fence: dict[str, bool | int] | None = None
+    guest_ips: tuple[str, ...] | None = None
 
 
 class LeaseInfo(_Frozen):
@@ -216,6 +225,7 @@ class LeaseInfo(_Frozen):
     prepared: bool = False
     guest_mac: str | None = None
     fence: dict[str, bool | int] | None = None
+    guest_ips: tuple[str, ...] | None = None
 
 
 class ListReply(_Frozen):

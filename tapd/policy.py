@@ -69,6 +69,8 @@ class Decision:
     max_taps: int | None = None
     tap_gid: int | None = None
     fence: Fence = field(default_factory=Fence)
+    #: the networks guest addresses must come from (empty: not filtered)
+    ip_ranges: tuple[str, ...] = ()
 
 
 class Policy:
@@ -117,7 +119,9 @@ class Policy:
                     flood=allow.flood,
                     ingress=allow.ingress_limit,
                     egress=allow.egress_limit,
+                    ip_filter=bool(allow.ip_ranges),
                 ),
+                ip_ranges=allow.ip_ranges,
             )
         raise Denied(
             f"uid {peer.uid} is not allowed to use bridge {bridge!r}: no allow rule in "

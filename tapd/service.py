@@ -21,10 +21,10 @@ from typing import Any
 import trio
 from pydantic import BaseModel
 
-from . import PROTOCOL_VERSION, __version__, owner, programs
+from . import PROTOCOL_VERSION, __version__, nft, owner, programs
 from .config import Config
 from .errors import Denied, InvalidValue, LeaseNotFound, TapdError
-from .fence import Fence, choose_mac
+from .fence import Fence, check_guest_ips, choose_mac
 from .leases import Lease, new_id
 from .lifecycle import Lifecycle
 from .models import (
@@ -177,6 +177,7 @@ def _reply(made: MadeTap, fds: int, lease: Lease) -> TapReply | PrepareReply:
             warnings=tuple(made.warnings),
             guest_mac=lease.guest_mac,
             fence=_fence(lease),
+            guest_ips=lease.guest_ips or None,
         )
     return TapReply(
         lease=lease.id,
@@ -193,11 +194,22 @@ def _reply(made: MadeTap, fds: int, lease: Lease) -> TapReply | PrepareReply:
         warnings=tuple(made.warnings),
         guest_mac=lease.guest_mac,
         fence=_fence(lease),
+        guest_ips=lease.guest_ips or None,
     )
 
 
 def _fence(lease: Lease) -> dict[str, bool | int] | None:
     return Fence.from_tag(lease.fence).describe() if lease.fence else None
+
+
+@dataclass(frozen=True)
+class _Terms:
+    """What a grant will be held to: the rule that decided, and the guest's
+    MAC and addresses."""
+
+    decision: Decision
+    guest_mac: str
+    guest_ips: tuple[str, ...]
 
 
 class _Either:
@@ -233,6 +245,7 @@ class Service:
         # the live leases, so that parallel requests cannot overshoot it.
         self._making: Counter[int] = Counter()
         self._reserved_macs: set[str] = set()
+        self._reserved_ips: set[str] = set()
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -244,13 +257,25 @@ class Service:
         """Carry out ``request``.  ``fds_in`` stay the caller's to close."""
         if isinstance(request, TapRequest):
             return await self._request(
-                peer, plan(request), fds_in, log, _Owner.of_peer(peer), request.guest_mac
+                peer,
+                plan(request),
+                fds_in,
+                log,
+                _Owner.of_peer(peer),
+                request.guest_mac,
+                guest_ips=request.guest_ips,
             )
         if isinstance(request, PrepareRequest):
             # The requester owns the lease: tapctl prepare execs the VMM, so
             # the VMM itself is the owner, and its exit ends the tap.
             return await self._request(
-                peer, prepare_plan(request), fds_in, log, _Owner.of_peer(peer), request.guest_mac
+                peer,
+                prepare_plan(request),
+                fds_in,
+                log,
+                _Owner.of_peer(peer),
+                request.guest_mac,
+                guest_ips=request.guest_ips,
             )
         if isinstance(request, BridgeHelperRequest):
             # QEMU's bridge helper protocol: a tap on br (default br0), no other
@@ -304,10 +329,13 @@ class Service:
         owner_: _Owner,
         guest_mac: str | None = None,
         mac_known: bool = True,
+        guest_ips: list[str] | None = None,
     ) -> Grant:
         with owner_:
             try:
-                return await self._granted(peer, what, fds_in, log, owner_, guest_mac, mac_known)
+                return await self._granted(
+                    peer, what, fds_in, log, owner_, guest_mac, mac_known, guest_ips
+                )
             except TapdError as exc:
                 exc.context = {"bridge": what.bridge, "queues": what.queues, **exc.context}
                 raise
@@ -321,6 +349,7 @@ class Service:
         owner_: _Owner,
         guest_mac: str | None,
         mac_known: bool,
+        guest_ips: list[str] | None,
     ) -> Grant:
         log = log.bind(bridge=what.bridge, queues=what.queues)
         held = self.lifecycle.registry.held_by(peer.uid) + self._making[peer.uid]
@@ -334,18 +363,28 @@ class Service:
             ).about(rule=decision.rule)
         # A MAC chosen but not yet leased is reserved, so that two requests in
         # flight never get the same one.
-        taken = _Either(self.lifecycle.registry.guest_macs, self._reserved_macs)
+        registry = self.lifecycle.registry
+        taken = _Either(registry.guest_macs, self._reserved_macs)
         mac = choose_mac(guest_mac, self.config.taps.guest_mac_prefix, taken)
+        ips = check_guest_ips(
+            guest_ips,
+            decision.ip_ranges,
+            decision.rule,
+            _Either(registry.guest_ips, self._reserved_ips),
+        )
+        terms = _Terms(decision, mac, ips)
         self._reserved_macs.add(mac)
+        self._reserved_ips.update(ips)
         self._making[peer.uid] += 1
         try:
             if isinstance(what, CreatePlan):
-                return await self._create(peer, what, decision, owner_, log, mac)
+                return await self._create(peer, what, terms, owner_, log)
             if isinstance(what, AdoptPlan):
-                return await self._adopt(peer, what, decision, owner_, fds_in, log, mac)
-            return await self._helper(peer, what, decision, owner_, log, mac)
+                return await self._adopt(peer, what, terms, owner_, fds_in, log)
+            return await self._helper(peer, what, terms, owner_, log)
         finally:
             self._reserved_macs.discard(mac)
+            self._reserved_ips.difference_update(ips)
             self._making[peer.uid] -= 1
             if not self._making[peer.uid]:
                 del self._making[peer.uid]
@@ -372,14 +411,13 @@ class Service:
         queues: int,
         owner_: _Owner,
         downscript: str | None,
-        decision: Decision,
-        guest_mac: str,
+        terms: _Terms,
         adopted: bool = False,
         prepared: bool = False,
     ) -> Lease:
         """A lease with its tag, before the tap exists (the tag is set just
         before the tap joins its bridge)."""
-        return Lease(
+        lease = Lease(
             id=new_id(),
             ifname="",
             ifindex=0,
@@ -393,9 +431,15 @@ class Service:
             downscript=downscript,
             adopted=adopted,
             prepared=prepared,
-            guest_mac=guest_mac,
-            fence=decision.fence.tag(),
+            guest_mac=terms.guest_mac,
+            fence=terms.decision.fence.tag(),
+            guest_ips=terms.guest_ips,
         )
+        if not lease.fits():
+            raise InvalidValue(
+                "guest_ips: too many or too long addresses to record with the lease; name fewer"
+            )
+        return lease
 
     async def _grant(
         self,
@@ -412,9 +456,13 @@ class Service:
             if lease.fence:
                 # Fenced before anyone but tapd holds a queue: the guest never
                 # has a moment on an open port.
-                await self.worker.run(
-                    self.maker.fence, made.ifindex, Fence.from_tag(lease.fence), lease.guest_mac
-                )
+                fence = Fence.from_tag(lease.fence)
+                await self.worker.run(self.maker.fence, made.ifindex, fence, lease.guest_mac)
+                if fence.ip_filter:
+                    await programs.run_nft(
+                        self.config.programs.nft,
+                        nft.lease_rules(lease.ifname, lease.guest_mac, lease.guest_ips),
+                    )
             # Tracked before the reply goes out: the VM may close its fds (and
             # the kernel announce the tap's end) the moment it has them.
             self.lifecycle.begin(lease, owner_.take())
@@ -450,11 +498,11 @@ class Service:
         self,
         peer: Peer,
         what: CreatePlan,
-        decision: Decision,
+        terms: _Terms,
         owner_: _Owner,
         log: Any,
-        mac: str,
     ) -> Grant:
+        decision = terms.decision
         hooks = self.config.programs.hooks
         script = what.script and self._program("script", hooks, what.script)
         downscript = what.downscript and self._program("downscript", hooks, what.downscript)
@@ -464,8 +512,7 @@ class Service:
             what.queues,
             owner_,
             what.downscript,
-            decision,
-            mac,
+            terms,
             prepared=what.persistent,
         )
         spec = TapSpec(
@@ -542,20 +589,17 @@ class Service:
         self,
         peer: Peer,
         what: AdoptPlan,
-        decision: Decision,
+        terms: _Terms,
         owner_: _Owner,
         fds_in: list[int],
         log: Any,
-        mac: str,
     ) -> Grant:
         if len(fds_in) < len(what.names):
             raise InvalidValue(
                 f"the request names {len(what.names)} tap fd(s) but {len(fds_in)} "
                 "arrived with it; send them in SCM_RIGHTS with the request line"
             )
-        lease = self._lease(
-            peer, what.bridge, what.queues, owner_, None, decision, mac, adopted=True
-        )
+        lease = self._lease(peer, what.bridge, what.queues, owner_, None, terms, adopted=True)
         spec = AdoptSpec(
             bridge=what.bridge,
             fds=tuple(fds_in[: len(what.names)]),
@@ -573,13 +617,13 @@ class Service:
         self,
         peer: Peer,
         what: HelperPlan,
-        decision: Decision,
+        terms: _Terms,
         owner_: _Owner,
         log: Any,
-        mac: str,
     ) -> Grant:
+        decision = terms.decision
         path = self._program("helper", self.config.programs.helpers, what.helper)
-        lease = self._lease(peer, what.bridge, 1, owner_, None, decision, mac)
+        lease = self._lease(peer, what.bridge, 1, owner_, None, terms)
         fd = await programs.run_helper(
             what.helper, path, what.bridge, self.config.programs.helper_timeout
         )

@@ -306,3 +306,93 @@ def test_a_restarted_tapd_shapes_again_and_removes_ifbs_of_taps_gone_meanwhile(
             holder.wait()
             assert holder.stdout is not None
             holder.stdout.close()
+
+
+FILTERED = """
+[[allow]]
+users = ["0"]
+bridges = ["br0"]
+mac_filtering = true
+ip_ranges = ["10.77.9.0/24", "fd00:77:9::/64"]
+"""
+
+
+def nft_chain(ns: str, ifname: str) -> str | None:
+    done = subprocess.run(
+        ["ip", "netns", "exec", ns, "nft", "list", "chain", "bridge", "tapd", f"lease-{ifname}"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    return done.stdout if done.returncode == 0 else None
+
+
+def test_an_address_filtered_grant_passes_only_its_guest_ips(
+    ns: str, br0: str, tmp_path: Path
+) -> None:
+    with run_daemon(ns, tmp_path, FILTERED) as daemon:
+        with pytest.raises(client.ClientError) as exc:
+            daemon.request(br="br0")
+        assert exc.value.code == "guest-ips-required" and "10.77.9.0/24" in exc.value.message
+        with pytest.raises(client.ClientError) as exc:
+            daemon.request(br="br0", guest_ips=["10.77.10.5"])
+        assert exc.value.code == "denied" and "outside" in exc.value.message
+        grant = daemon.request(br="br0", guest_ips=["10.77.9.5", "fd00:77:9::5"])
+        try:
+            rules = nft_chain(ns, grant.ifname)
+            assert rules is not None
+            assert f"arp saddr ether != {grant.guest_mac} drop" in rules
+            assert "arp saddr ip != { 0.0.0.0, 10.77.9.5 } drop" in rules
+            assert "ip saddr != 10.77.9.5 drop" in rules
+            assert "fd00:77:9::5" in rules
+            assert grant.reply["guest_ips"] == ["10.77.9.5", "fd00:77:9::5"]
+            with pytest.raises(client.ClientError) as exc:
+                daemon.request(br="br0", guest_ips=["10.77.9.5"])
+            assert exc.value.code == "guest-ip-in-use"
+        finally:
+            grant.close()
+        wait_until(lambda: taps(ns) == [], what="the tap to go")
+        wait_until(lambda: nft_chain(ns, grant.ifname) is None, what="its filter to go")
+
+
+def test_a_restarted_tapd_filters_again_and_drops_filters_of_taps_gone_meanwhile(
+    ns: str, br0: str, tmp_path: Path
+) -> None:
+    first_dir, second_dir = tmp_path / "1", tmp_path / "2"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    holder_code = HOLDER.replace('br="br0")', 'br="br0", guest_ips=["10.77.9.7"])')
+    with run_daemon(ns, first_dir, FILTERED) as first:
+        holder = subprocess.Popen(
+            [sys.executable, "-c", holder_code, first.socket_path], stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        gone = first.request(br="br0", guest_ips=["10.77.9.8"])
+        try:
+            assert holder.stdout is not None
+            name = holder.stdout.readline().split()[0]
+            assert nft_chain(ns, name) is not None and nft_chain(ns, gone.ifname) is not None
+            first.stop(signal.SIGKILL)
+            subprocess.run(
+                ["ip", "netns", "exec", ns, "nft", "delete", "element", "bridge", "tapd",
+                 "ports", "{", name, "}"],
+                check=True,
+            )  # fmt: skip
+            subprocess.run(
+                ["ip", "netns", "exec", ns, "nft", "delete", "chain", "bridge", "tapd",
+                 f"lease-{name}"],
+                check=True,
+            )  # fmt: skip
+            gone.close()
+            wait_until(lambda: gone.ifname not in links(ns), what="the other tap to go")
+            with run_daemon(ns, second_dir, FILTERED) as second:
+                wait_until(lambda: len(second.leases()) == 1, what="the lease to be restored")
+                wait_until(lambda: nft_chain(ns, gone.ifname) is None, what="the orphan to go")
+                rules = nft_chain(ns, name)
+                assert rules is not None and "ip saddr != 10.77.9.7 drop" in rules
+                (lease,) = second.leases()
+                assert lease["guest_ips"] == ["10.77.9.7"]
+        finally:
+            gone.close()
+            holder.kill()
+            holder.wait()
+            assert holder.stdout is not None
+            holder.stdout.close()

@@ -185,3 +185,44 @@ def test_ifb_names_fit_an_interface_name_and_name_their_tap(index: int) -> None:
 @pytest.mark.parametrize("name", ["tapdifb", "tapdifbxyz", "ifb0", "tapdifb123456789", "br0"])
 def test_other_names_are_no_ifb_of_tapds(name: str) -> None:
     assert ifb_tap(name) is None
+
+
+def test_guest_ips_are_needed_checked_and_unique_where_the_rule_filters() -> None:
+    from tapd.fence import check_guest_ips
+
+    ranges = ("10.0.0.0/24", "fd00::/64")
+    assert check_guest_ips(["10.0.0.5", "FD00::5"], ranges, "allow[0]", set()) == (
+        "10.0.0.5",
+        "fd00::5",
+    )
+    with pytest.raises(errors.GuestIpsRequired, match=r'"guest_ips": \["10.0.0.1"\]'):
+        check_guest_ips(None, ranges, "allow[0]", set())
+    with pytest.raises(errors.Denied, match=r"outside what allow\[0\] allows"):
+        check_guest_ips(["10.0.1.5"], ranges, "allow[0]", set())
+    with pytest.raises(errors.InvalidValue, match="not an IP address"):
+        check_guest_ips(["10.0.0.300"], ranges, "allow[0]", set())
+    with pytest.raises(errors.GuestIpInUse):
+        check_guest_ips(["10.0.0.5"], ranges, "allow[0]", {"10.0.0.5"})
+    with pytest.raises(errors.GuestIpInUse):
+        check_guest_ips(["10.0.0.5", "10.0.0.5"], ranges, "allow[0]", set())
+    # a rule that filters nothing has nothing to hold addresses to
+    assert check_guest_ips(None, (), "allow[0]", set()) == ()
+    with pytest.raises(errors.NotApplicable):
+        check_guest_ips(["10.0.0.5"], (), "allow[0]", set())
+
+
+def test_the_nft_document_holds_the_guest_to_its_addresses() -> None:
+    from tapd import nft
+
+    doc = nft.lease_rules("tap1", "52:54:00:00:00:01", ("10.0.0.5", "fd00::5"))["nftables"]
+    rules = [c["add"]["rule"] for c in doc if "rule" in c.get("add", {})]
+    lease = [r for r in rules if r["chain"] == "lease-tap1"]
+    # ARP sender MAC, ARP sender IP, DHCP, IPv4 source, IPv6 source, ND target, other types
+    assert len(lease) == 7
+    assert all(r["expr"][-1] in ({"drop": None}, {"accept": None}) for r in lease)
+    text = repr(lease)
+    assert "52:54:00:00:00:01" in text and "10.0.0.5" in text and "fd00::5" in text
+    assert "0xfd000000000000000000000000000005" in text  # the ND target, as a raw integer
+    removal = nft.remove_lease("tap1")["nftables"]
+    assert removal[0]["delete"]["element"]["elem"] == ["tap1"]
+    assert removal[1]["delete"]["chain"]["name"] == "lease-tap1"
