@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
         "--guest-mac", metavar="MAC", help="the guest NIC's MAC (default: tapd picks a free one)"
     )
     req.add_argument(
+        "--guest-ip", dest="guest_ips", metavar="ADDR", action="append",
+        help="an address the guest will use (repeat; needed where the rule has ip_ranges)",
+    )  # fmt: skip
+    req.add_argument(
         "--netdev",
         metavar="OPTS",
         help="QEMU -netdev tap options as is, e.g. 'tap,id=n0,queues=4,vhost=on' "
@@ -83,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument(
         "--guest-mac", metavar="MAC", help="the guest NIC's MAC (default: tapd picks a free one)"
     )
+    prep.add_argument(
+        "--guest-ip", dest="guest_ips", metavar="ADDR", action="append",
+        help="an address the guest will use (repeat; needed where the rule has ip_ranges)",
+    )  # fmt: skip
     prep.add_argument("--json", action="store_true", help="print the reply as JSON")
     prep.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     lst = verbs.add_parser("list", help="your leases (root: all of them)")
@@ -225,7 +233,7 @@ def _request(args: argparse.Namespace) -> int:
     options = parse_netdev(args.netdev) if args.netdev else {}
     for key in (
         "br", "ifname", "queues", "vnet_hdr", "sndbuf", "vhost", "vhostforce",
-        "script", "downscript", "helper", "guest_mac",
+        "script", "downscript", "helper", "guest_mac", "guest_ips",
     ):  # fmt: skip
         value = getattr(args, key)
         if value is not None:
@@ -259,6 +267,7 @@ def _prepare(args: argparse.Namespace) -> int:
         script=args.script,
         downscript=args.downscript,
         guest_mac=args.guest_mac,
+        guest_ips=args.guest_ips,
     )
     if not command:
         if args.json:

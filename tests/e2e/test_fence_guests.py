@@ -149,3 +149,41 @@ def test_a_guest_measures_its_own_rate_limits(
     finally:
         server.kill()
         server.wait()
+
+
+# -- addresses: a guest may use only its own --------------------------------------
+
+ADDRESSED = 'ip_ranges = ["10.77.8.0/24"]\nmac_filtering = true'
+
+
+@pytest.mark.parametrize("spoof", [False, True], ids=["own-address", "another-address"])
+def test_a_guest_using_an_address_not_its_own_reaches_nothing(
+    spoof: bool, ns: str, br0: str, tmp_path: Path, guest_image: GuestImage
+) -> None:
+    ip("-n", ns, "addr", "add", f"{BRIDGE}/24", "dev", "br0")
+    with run_daemon(ns, tmp_path, RULE.format(fence=ADDRESSED)) as daemon:
+        used = B if spoof else A  # the guest is granted A either way
+        argv = qemu_argv(
+            guest_image,
+            "tap,id=n0,fd={fd}",
+            ip=f"{used}/24",
+            ping=BRIDGE,
+            device="virtio-net-pci,netdev=n0,mac={mac}",
+            extra_cmdline="tapd.pingtries=20 tapd.listen=1",
+        )
+        tapctl = [sys.executable, "-m", "tapd.tapctl", "--socket", daemon.socket_path]
+        request = [*tapctl, "request", "--br", "br0", "--guest-ip", A, "--"]
+        with Qemu([*request, *single_thread_tcg(argv)]) as vm:
+            report = vm.wait_for("listen", timeout=180)
+            # The host asks who has the guest's address: the guest's ARP reply
+            # (for an address not its own when spoofing) is what is filtered.
+            answered = subprocess.run(
+                ["ip", "netns", "exec", ns, "busybox", "ping", "-c", "2", "-W", "2", used],
+                capture_output=True,
+            ).returncode == 0  # fmt: skip
+        if spoof:
+            assert report.get("ping") == "fail", vm.output
+            assert not answered, "the host reached a guest on an address not its own"
+        else:
+            assert report.get("ping") == "ok", vm.output
+            assert answered
