@@ -23,10 +23,36 @@ from .tun import close_all
 
 ENV_SOCKET = "TAPD_SOCKET"
 
+#: The system-wide client setting, for clients started where no environment
+#: reaches them (libvirt runs its bridge helper with a cleaned environment).
+#: Lines of ``key = value``; ``#`` starts a comment; the one key today is
+#: ``socket``, and keys this version does not know are ignored.
+CLIENT_CONFIG = "/etc/tapd/client.conf"
+
+
+def configured_socket(path: str | None = None) -> str | None:
+    """The ``socket`` that ``path`` (default :data:`CLIENT_CONFIG`) names, or
+    None (no file, or no key)."""
+    try:
+        fd = os.open(path or CLIENT_CONFIG, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        text = os.read(fd, 65536).decode("utf-8", "replace")
+    finally:
+        os.close(fd)
+    found = None
+    for line in text.splitlines():
+        key, sep, value = line.partition("#")[0].partition("=")
+        if sep and key.strip() == "socket" and value.strip():
+            found = value.strip().strip('"')
+    return found
+
 
 def socket_path(explicit: str | None = None) -> str:
-    """--socket, else $TAPD_SOCKET, else /run/tapd.sock."""
-    return explicit or os.environ.get(ENV_SOCKET) or DEFAULT_SOCKET
+    """--socket, else $TAPD_SOCKET, else /etc/tapd/client.conf's ``socket``,
+    else /run/tapd.sock."""
+    return explicit or os.environ.get(ENV_SOCKET) or configured_socket() or DEFAULT_SOCKET
 
 
 class ClientError(Exception):
@@ -126,6 +152,12 @@ class TapGrant:
     def ifname(self) -> str:
         return str(self.reply["ifname"])
 
+    @property
+    def guest_mac(self) -> str | None:
+        """The MAC the guest's NIC must use (a filtered port passes no other)."""
+        mac = self.reply.get("guest_mac")
+        return None if mac is None else str(mac)
+
     def netdev_args(self) -> str:
         """The fd part of a QEMU ``-netdev tap,...`` argument."""
         if len(self.tap_fds) == 1 and not self.vhost_fds:
@@ -156,6 +188,17 @@ def request_tap(
         close_all(fds)
         raise ClientError("bad-reply", f"tapd promised {ntap + nvhost} fds but {len(fds)} arrived")
     return TapGrant(reply=reply, tap_fds=fds[:ntap], vhost_fds=fds[ntap:])
+
+
+def prepare_tap(*, path: str | None = None, **options: Any) -> dict[str, Any]:
+    """Ask for a persistent tap that the VMM opens itself by name (the
+    ``prepare`` op): ``br``, and optionally ``ifname``, ``queues``,
+    ``vnet_hdr``, ``script``, ``downscript``.  The lease belongs to the
+    calling process: the tap is removed when it exits, so exec the VMM from
+    it (as ``tapctl prepare -- CMD`` does).  Returns the reply."""
+    body: dict[str, Any] = {"op": "prepare"}
+    body.update((key, value) for key, value in options.items() if value is not None)
+    return _simple(body, path)
 
 
 def _simple(request: dict[str, Any], path: str | None) -> dict[str, Any]:

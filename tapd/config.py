@@ -8,6 +8,7 @@ what would be valid.
 from __future__ import annotations
 
 import grp
+import ipaddress
 import os
 import pwd
 import re
@@ -19,6 +20,7 @@ from typing import Annotated, Self
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -27,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from .fence import DEFAULT_PREFIX, check_prefix, parse_rate
 from .options import ifname_problem
 from .tun import TUN_PATH
 
@@ -122,6 +125,15 @@ class TapsConfig(_Section):
             raise ValueError(f"with one more character, {problem}")
         return value
 
+    #: the guest MACs tapd draws (for grants whose request names none) start
+    #: with these octets; locally administered, so never a vendor's
+    guest_mac_prefix: str = DEFAULT_PREFIX
+
+    @field_validator("guest_mac_prefix")
+    @classmethod
+    def _mac_prefix(cls, value: str) -> str:
+        return check_prefix(value)
+
     @field_validator("name_template")
     @classmethod
     def _template(cls, value: str) -> str:
@@ -152,6 +164,23 @@ def _program(path: str) -> str:
     return path
 
 
+def _rate(value: object) -> object:
+    return parse_rate(value) if isinstance(value, str) else value
+
+
+#: a rate in bits a second, written as tc writes it ("10Mbit", "500kbit")
+Rate = Annotated[int, BeforeValidator(_rate)]
+
+
+def _ip_range(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value, strict=True))
+    except ValueError as exc:
+        raise ValueError(f'{value!r} is not a network like "10.0.0.0/24": {exc}') from None
+
+
+IpRange = Annotated[str, AfterValidator(_ip_range)]
+
 #: what clients name a helper or hook by (never a path)
 ProgramName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 Program = Annotated[str, AfterValidator(_program)]
@@ -172,6 +201,8 @@ class ProgramsConfig(_Section):
     helper_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
     #: seconds a script may run
     hook_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
+    #: nft(8), for rules with ip_ranges (Debian's nftables package)
+    nft: str = "/usr/sbin/nft"
 
 
 class DenyRule(_Section):
@@ -200,6 +231,21 @@ class AllowRule(DenyRule):
     max_taps: Annotated[int, Field(ge=1)] | None = None
     #: give taps granted by this rule to this group as well (TUNSETGROUP)
     tap_group: Group | None = None
+    #: the guest may send only with its lease's guest_mac (a locked bridge
+    #: port, learning off, one static FDB entry)
+    mac_filtering: bool = False
+    #: an isolated bridge port: reaches the uplink and the host, not other
+    #: isolated ports
+    port_isolation: bool = False
+    #: the port's learning and unicast-flood flags (absent: the kernel's default)
+    learning: bool | None = None
+    flood: bool | None = None
+    #: what one tap's guest may receive / send, as tc writes rates ("10Mbit")
+    ingress_limit: Rate | None = None
+    egress_limit: Rate | None = None
+    #: the networks a guest's addresses must come from: a request then names
+    #: its guest's addresses (guest_ips), and the tap passes no other (nftables)
+    ip_ranges: tuple[IpRange, ...] = ()
 
 
 class Config(_Section):
@@ -209,6 +255,12 @@ class Config(_Section):
     programs: ProgramsConfig = ProgramsConfig()
     allow: tuple[AllowRule, ...] = (AllowRule(users=("0",)),)
     deny: tuple[DenyRule, ...] = ()
+
+    @model_validator(mode="after")
+    def _nft_for_ip_ranges(self) -> Self:
+        if any(rule.ip_ranges for rule in self.allow):
+            _program(self.programs.nft)  # rules that filter addresses need it
+        return self
 
 
 class ConfigError(Exception):

@@ -141,6 +141,31 @@ class QuotaExceeded(Denied):
     code = "quota-exceeded"
 
 
+class GuestMacInUse(ClientError):
+    """The guest MAC asked for belongs to a live lease already."""
+
+    code = "guest-mac-in-use"
+
+
+class GuestIpsRequired(ClientError):
+    """The allow rule filters addresses, and the request named none."""
+
+    code = "guest-ips-required"
+
+
+class GuestIpInUse(ClientError):
+    """An address in guest_ips belongs to a live lease already."""
+
+    code = "guest-ip-in-use"
+
+
+class NotApplicable(ClientError):
+    """A key that is valid for another op but cannot apply to this one (e.g.
+    ``fd=`` with ``prepare``: a VMM that opens its tap by name has no fd)."""
+
+    code = "option-not-applicable"
+
+
 class Unsupported(ClientError):
     """A valid option this version of tapd does not implement yet."""
 

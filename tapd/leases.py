@@ -13,6 +13,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .fence import Fence
+
 #: <linux/if.h>: IFALIASZ is 256 including the NUL
 IFALIASZ = 256
 TAG_PREFIX = "tapd:1"
@@ -40,9 +42,26 @@ class Lease:
     #: the client made the tap (fd=/fds=): when its owner goes, tapd forgets
     #: the lease but leaves the tap to whoever made it
     adopted: bool = False
+    #: made by the prepare op: persistent by design, opened by the VMM by name
+    prepared: bool = False
+    #: the MAC the guest's NIC uses (the only source MAC a filtered port takes)
+    guest_mac: str | None = None
+    #: the port flags the rule asked for (tapd.fence.Fence.tag), "" for none
+    fence: str = ""
+    #: the only source addresses the tap passes, when the rule filters them
+    guest_ips: tuple[str, ...] = ()
+
+    def fits(self) -> bool:
+        """Whether the tag fits an interface alias (IFALIASZ)."""
+        return len(self._tag().encode()) < IFALIASZ
 
     def tag(self) -> str:
         """The interface alias that lets a restarted tapd find this lease."""
+        tag = self._tag()
+        assert len(tag.encode()) < IFALIASZ
+        return tag
+
+    def _tag(self) -> str:
         fields = [
             TAG_PREFIX,
             f"id={self.id}",
@@ -58,13 +77,21 @@ class Lease:
             fields.append(f"down={self.downscript}")
         if self.adopted:
             fields.append("adopted=1")
-        tag = " ".join(fields)
-        assert len(tag.encode()) < IFALIASZ
-        return tag
+        if self.prepared:
+            fields.append("prepared=1")
+        if self.guest_mac:
+            fields.append(f"gmac={self.guest_mac}")
+        if self.fence:
+            fields.append(f"fence={self.fence}")
+        if self.guest_ips:
+            fields.append(f"ips={','.join(self.guest_ips)}")
+        return " ".join(fields)
 
     def to_wire(self) -> dict[str, Any]:
         wire = asdict(self)
         del wire["starttime"]
+        wire["fence"] = Fence.from_tag(self.fence).describe() if self.fence else None
+        wire["guest_ips"] = self.guest_ips or None
         return wire
 
 
@@ -87,6 +114,10 @@ def parse_tag(ifindex: int, ifname: str, alias: str | None) -> Lease | None:
             created=int(fields["created"]),
             downscript=fields.get("down") or None,
             adopted=fields.get("adopted") == "1",
+            prepared=fields.get("prepared") == "1",
+            guest_mac=fields.get("gmac") or None,
+            fence=fields.get("fence", ""),
+            guest_ips=tuple(ip for ip in fields.get("ips", "").split(",") if ip),
         )
     except (KeyError, ValueError):
         return None
@@ -98,6 +129,9 @@ class Registry:
     def __init__(self) -> None:
         self._by_index: dict[int, Lease] = {}
         self._per_uid: Counter[int] = Counter()
+        #: guest MACs and addresses of live leases: a new lease never takes one
+        self.guest_macs: Counter[str] = Counter()
+        self.guest_ips: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return len(self._by_index)
@@ -105,17 +139,31 @@ class Registry:
     def add(self, lease: Lease) -> None:
         old = self._by_index.get(lease.ifindex)
         if old is not None:
-            self._per_uid[old.uid] -= 1
+            self._forget(old)
         self._by_index[lease.ifindex] = lease
         self._per_uid[lease.uid] += 1
+        if lease.guest_mac:
+            self.guest_macs[lease.guest_mac] += 1
+        self.guest_ips.update(lease.guest_ips)
 
     def pop(self, ifindex: int) -> Lease | None:
         lease = self._by_index.pop(ifindex, None)
         if lease is not None:
-            self._per_uid[lease.uid] -= 1
-            if not self._per_uid[lease.uid]:
-                del self._per_uid[lease.uid]
+            self._forget(lease)
         return lease
+
+    def _forget(self, lease: Lease) -> None:
+        self._per_uid[lease.uid] -= 1
+        if not self._per_uid[lease.uid]:
+            del self._per_uid[lease.uid]
+        if lease.guest_mac:
+            self.guest_macs[lease.guest_mac] -= 1
+            if not self.guest_macs[lease.guest_mac]:
+                del self.guest_macs[lease.guest_mac]
+        self.guest_ips.subtract(lease.guest_ips)
+        for ip in lease.guest_ips:
+            if not self.guest_ips[ip]:
+                del self.guest_ips[ip]
 
     def get(self, ifindex: int) -> Lease | None:
         return self._by_index.get(ifindex)

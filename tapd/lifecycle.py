@@ -17,9 +17,10 @@ from typing import Any
 import trio
 
 from . import log as logging
-from . import owner, programs
+from . import nft, owner, programs
 from .config import Config
 from .errors import Denied
+from .fence import Fence
 from .leases import Lease, Registry, parse_tag
 from .netlink import Netlink, link_events
 from .worker import KernelWorker
@@ -74,6 +75,13 @@ class Lifecycle:
         )
         if lease.downscript:
             self._spawn(self._downscript, lease)
+        fence = Fence.from_tag(lease.fence)
+        if fence.egress is not None:
+            # The tap's own qdiscs went with it; the ifb that shaped what its
+            # guest sent is a device of its own.
+            self._spawn(self._unshape, lease)
+        if fence.ip_filter:
+            self._spawn(self._unfilter, lease.ifname)
 
     async def _downscript(self, lease: Lease) -> None:
         assert lease.downscript is not None
@@ -160,9 +168,61 @@ class Lifecycle:
 
     async def _untag(self, lease: Lease) -> None:
         try:
+            if lease.fence:
+                # The client's own tap goes back to it as the kernel makes ports.
+                fence = Fence.from_tag(lease.fence)
+                mac = lease.guest_mac if fence.mac_filtering else None
+                await self.worker.run(
+                    self.netlink.clear_port, lease.ifindex, fence.port_flags(), mac
+                )
+                if fence.shaped:
+                    await self.worker.run(self.netlink.unshape, lease.ifindex, True)
             await self.worker.run(self.netlink.clear_tag, lease.ifindex)
         except Exception:
             self.log.exception("lease.untag.failed", lease=lease.id)
+
+    async def _unshape(self, lease: Lease, tap_too: bool = False) -> None:
+        try:
+            await self.worker.run(self.netlink.unshape, lease.ifindex, tap_too)
+        except Exception:
+            self.log.exception("lease.unshape.failed", lease=lease.id)
+
+    async def _unfilter(self, ifname: str) -> None:
+        """Take a lease's address filter (its nftables chain) away."""
+        try:
+            await programs.run_nft(self.config.programs.nft, nft.remove_lease(ifname))
+        except Exception as exc:
+            self.log.warning("lease.unfilter.failed", ifname=ifname, error=str(exc))
+
+    async def _unfilter_orphans(self) -> None:
+        path = self.config.programs.nft
+        if not os.access(path, os.X_OK):
+            return  # no nft here: no rule filters addresses, and none can be left
+        listing = await programs.list_nft_table(path, "bridge", nft.TABLE)
+        leased = {lease.ifname for lease in self.registry.visible_to(0)}
+        for ifname in nft.leased_ifnames(listing or {}):
+            if ifname not in leased:
+                await self._unfilter(ifname)
+
+    async def _refence(self, lease: Lease) -> None:
+        """A restarted tapd sets a restored lease's port flags again: they are
+        the kernel's state and normally still there, but nothing else may have
+        been fenced in their absence."""
+        fence = Fence.from_tag(lease.fence)
+        mac = lease.guest_mac if fence.mac_filtering else None
+        try:
+            await self.worker.run(self.netlink.set_port, lease.ifindex, fence.port_flags(), mac)
+            if fence.shaped:
+                await self.worker.run(
+                    self.netlink.shape, lease.ifindex, fence.ingress, fence.egress
+                )
+            if fence.ip_filter:
+                document = nft.lease_rules(lease.ifname, lease.guest_mac, lease.guest_ips)
+                await programs.run_nft(self.config.programs.nft, document)
+        except Exception:
+            self.log.exception("lease.fence.failed", lease=lease.id)
+        else:
+            self.log.info("lease.fence.restored", lease=lease.id, fence=lease.fence)
 
     async def release(self, lease: Lease) -> None:
         """End a lease now: remove its tap even while a VM holds it."""
@@ -183,6 +243,8 @@ class Lifecycle:
             pidfd = owner.reopen(lease.pid, lease.starttime)
             if pidfd is not None:
                 self.begin(lease, pidfd)
+                if lease.fence:
+                    await self._refence(lease)
                 self.log.info("lease.restored", lease=lease.id, ifname=name, uid=lease.uid)
                 kept += 1
                 continue
@@ -197,5 +259,12 @@ class Lifecycle:
             with contextlib.suppress(Exception):
                 await self.worker.run(self.netlink.delete, index)
             removed += 1
+        # Shaping devices and address filters whose tap went while tapd was away.
+        try:
+            for index in await self.worker.run(self.netlink.orphan_ifbs):
+                await self.worker.run(self.netlink.delete, index)
+        except Exception:
+            self.log.exception("lease.unshape.failed")
+        await self._unfilter_orphans()
         self.log.info("lease.reconciled", kept=kept, removed=removed, forgotten=forgotten)
         self.reconciled.update(restored=kept, removed=removed, forgotten=forgotten)

@@ -62,10 +62,36 @@ class TapOptions(_Frozen):
         return self.model_dump(by_alias=True, exclude_none=True)
 
 
+#: tapd's own request key (no QEMU tap option has it): the MAC the guest's NIC
+#: will use.  Absent: tapd picks a free one.  Granted replies say which.
+GuestMac = Annotated[str, Field(min_length=1, max_length=32)]
+
+#: tapd's own request key: the addresses the guest will use, when its allow
+#: rule has ip_ranges (the tap passes no other source address)
+GuestIps = Annotated[list[Annotated[str, Field(max_length=45)]], Field(min_length=1, max_length=4)]
+
+#: the keys of a request that are tapd's own, beside QAPI's NetdevTapOptions
+TAPD_REQUEST_KEYS = frozenset({"guest_mac", "guest_ips"})
+
+
 class TapRequest(TapOptions):
     """``{"op": "request", ...}``: make (or adopt) a tap and attach it to ``br``."""
 
     op: Literal["request"]
+    guest_mac: GuestMac | None = None
+    guest_ips: GuestIps | None = None
+
+
+class PrepareRequest(TapOptions):
+    """``{"op": "prepare", "br": ..., "ifname": ..., "queues": ..., "vnet_hdr": ...}``:
+    a persistent tap for a VMM that opens ``/dev/net/tun`` itself by name
+    (Firecracker, crosvm ``--tap-name``, cloud-hypervisor ``tap=``, libvirt
+    ``ethernet``, QEMU ``ifname=...,script=no``).  It takes QEMU's keys so that
+    one that cannot apply to such a tap is refused by name, not as unknown."""
+
+    op: Literal["prepare"]
+    guest_mac: GuestMac | None = None
+    guest_ips: GuestIps | None = None
 
 
 class HelloRequest(_Frozen):
@@ -114,6 +140,7 @@ class MetricsRequest(_Frozen):
 Request = (
     HelloRequest
     | TapRequest
+    | PrepareRequest
     | BridgeHelperRequest
     | ListRequest
     | ReleaseRequest
@@ -125,6 +152,7 @@ Request = (
 REQUEST_MODELS: dict[str, type[Request]] = {
     "hello": HelloRequest,
     "request": TapRequest,
+    "prepare": PrepareRequest,
     "bridge-helper": BridgeHelperRequest,
     "list": ListRequest,
     "release": ReleaseRequest,
@@ -161,6 +189,32 @@ class TapReply(_Frozen):
     #: TUNSETOFFLOAD flags set (0 until the guest negotiates offloads, as in QEMU)
     offloads: int = 0
     warnings: tuple[str, ...] = ()
+    #: the MAC the guest's NIC must use (tapctl's {mac}); the tap's own is ``mac``
+    guest_mac: str | None = None
+    #: what the port may not do, as the allow rule says (absent: nothing fenced)
+    fence: dict[str, bool | int] | None = None
+    #: the only source addresses the tap passes (when the rule has ip_ranges)
+    guest_ips: tuple[str, ...] | None = None
+
+
+class PrepareReply(_Frozen):
+    """A prepared tap: persistent, owned by the requester's uid (and the rule's
+    ``tap_group``), on its bridge and up.  No fds: the VMM attaches to
+    ``ifname`` itself, with as many queues as it likes up to ``queues``'s mode
+    (multi-queue when ``queues`` > 1)."""
+
+    ok: Literal[True] = True
+    lease: str
+    ifname: str
+    bridge: str
+    queues: int
+    vnet_hdr: bool
+    mac: str
+    mtu: int
+    warnings: tuple[str, ...] = ()
+    guest_mac: str | None = None
+    fence: dict[str, bool | int] | None = None
+    guest_ips: tuple[str, ...] | None = None
 
 
 class LeaseInfo(_Frozen):
@@ -175,6 +229,11 @@ class LeaseInfo(_Frozen):
     created: int
     downscript: str | None = None
     adopted: bool = False
+    #: made with the prepare op: a persistent tap the VMM opens by name
+    prepared: bool = False
+    guest_mac: str | None = None
+    fence: dict[str, bool | int] | None = None
+    guest_ips: tuple[str, ...] | None = None
 
 
 class ListReply(_Frozen):

@@ -32,6 +32,7 @@ from pyroute2.netlink.rtnl import RTMGRP_LINK
 
 from . import log, tun
 from .errors import BridgeNotFound, NotABridge, kernel_error
+from .fence import ifb_name, ifb_tap
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,14 @@ IFLA_MTU = 4
 IFLA_MASTER = 10
 IFLA_IFALIAS = 20
 
+# <linux/neighbour.h>: a bridge FDB entry that points at a port (not the port
+# device's own table), and "static" as bridge(8) spells NUD_NOARP
+NTF_MASTER = 0x04
+NUD_NOARP = 0x40
+
+#: <linux/if_ether.h>: every protocol, for a filter that matches every frame
+ETH_P_ALL = 0x0003
+
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _NLATTR = struct.Struct("=HH")  # len, type
@@ -139,6 +148,13 @@ def _route_socket() -> socket.socket:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
     sock.bind((0, 0))
     return sock
+
+
+def _tbf(bits: int) -> dict[str, object]:
+    """tbf's parameters for ``bits`` a second: a bucket of 20 ms of traffic
+    (at least 16 KiB, so that a full-size frame and a timer tick at HZ=100
+    always fit) and 50 ms of queue before dropping."""
+    return {"rate": f"{bits}bit", "burst": max(16384, bits // 8 // 50), "latency": "50ms"}
 
 
 class Netlink:
@@ -338,6 +354,93 @@ class Netlink:
                 return False
             raise kernel_error(_oserror(exc), f"removing interface {index}") from None
         return True
+
+    def set_port(self, index: int, flags: dict[str, bool], static_mac: str | None) -> None:
+        """Bridge port flags (IFLA_BRPORT_* through IFLA_INFO_SLAVE_DATA, which
+        rtnetlink applies only to a port that already has its master) and a
+        static FDB entry for ``static_mac`` on that port (what ``bridge fdb
+        replace MAC dev PORT master static`` does: NTF_MASTER, NUD_NOARP)."""
+        try:
+            if flags:
+                self._ip.brport("set", index=index, **{k: int(v) for k, v in flags.items()})
+            if static_mac is not None:
+                self._ip.fdb(
+                    "replace", ifindex=index, lladdr=static_mac, flags=NTF_MASTER, state=NUD_NOARP
+                )
+        except NetlinkError as exc:
+            raise kernel_error(_oserror(exc), f"fencing bridge port {index}") from None
+
+    def clear_port(self, index: int, flags: dict[str, bool], static_mac: str | None) -> None:
+        """Undo :meth:`set_port`: the flags back to what the kernel gives a new
+        port (learning and flooding on, not locked or isolated), the static
+        entry gone.  A port already gone is no error."""
+        defaults = {"locked": 0, "isolated": 0, "learning": 1, "unicast_flood": 1}
+        try:
+            if flags:
+                self._ip.brport("set", index=index, **{k: defaults[k] for k in flags})
+            if static_mac is not None:
+                self._ip.fdb("del", ifindex=index, lladdr=static_mac, flags=NTF_MASTER)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
+                raise kernel_error(_oserror(exc), f"unfencing bridge port {index}") from None
+
+    def shape(self, index: int, ingress: int | None, egress: int | None) -> None:
+        """Token bucket filters for what the guest on tap ``index`` receives
+        (``ingress``, bits a second: the tap's root qdisc, since it leaves the
+        host through the tap) and sends (``egress``: redirected from the tap's
+        ingress to an ifb device of its own, whose root qdisc shapes it; this
+        kernel has no ingress policer).  Idempotent: a restarted tapd runs it
+        again."""
+        try:
+            if ingress is not None:
+                self._ip.tc("replace", "tbf", index=index, handle="1:", **_tbf(ingress))
+            if egress is None:
+                return
+            name = ifb_name(index)
+            if not self._ip.link_lookup(ifname=name):
+                self._ip.link("add", ifname=name, kind="ifb")
+            (ifb,) = self._ip.link_lookup(ifname=name)
+            self._ip.link("set", index=ifb, state="up")
+            self._ip.tc("replace", "tbf", index=ifb, handle="1:", **_tbf(egress))
+            # A fresh ingress qdisc each time, so the one redirect is never doubled.
+            with contextlib.suppress(NetlinkError):
+                self._ip.tc("del", "ingress", index=index, handle="ffff:")
+            self._ip.tc("add", "ingress", index=index, handle="ffff:")
+            self._ip.tc(
+                "add-filter",
+                "u32",
+                index=index,
+                parent="ffff:",
+                protocol=ETH_P_ALL,
+                prio=1,
+                keys=["0x0/0x0+0"],  # every frame
+                target=0x10001,  # a classid u32 requires; the redirect decides
+                action={"kind": "mirred", "direction": "egress", "action": "redirect",
+                        "ifindex": ifb},
+            )  # fmt: skip
+        except NetlinkError as exc:
+            raise kernel_error(_oserror(exc), f"shaping tap {index}") from None
+
+    def unshape(self, index: int, tap_too: bool = False) -> None:
+        """Remove the ifb that shaped tap ``index``'s guest (its qdiscs go with
+        the tap; ``tap_too``: the tap stays, so remove them as well)."""
+        if tap_too:
+            for kind, handle in (("tbf", "1:"), ("ingress", "ffff:")):
+                with contextlib.suppress(NetlinkError):
+                    self._ip.tc("del", kind, index=index, handle=handle)
+        for ifb in self._ip.link_lookup(ifname=ifb_name(index)):
+            with contextlib.suppress(NetlinkError):
+                self._ip.link("del", index=ifb)
+
+    def orphan_ifbs(self) -> list[int]:
+        """Indexes of ifb devices tapd made for taps that are gone."""
+        links = {int(m["index"]): str(m.get("IFLA_IFNAME")) for m in self._ip.link("dump")}
+        orphans = []
+        for index, name in links.items():
+            tap = ifb_tap(name)
+            if tap is not None and tap not in links:
+                orphans.append(index)
+        return orphans
 
     def _link(self, index: int) -> Any | None:
         """pyroute2's message for interface ``index``, or None if there is none."""

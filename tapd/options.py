@@ -8,10 +8,11 @@ kernel will refuse), tapd refuses up front and says so.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
-from .errors import Denied, InvalidIfname, InvalidOptions, InvalidValue
+from .errors import Denied, InvalidIfname, InvalidOptions, InvalidValue, NotApplicable
 from .models import IFNAMSIZ, MAX_TAP_QUEUES, TapOptions
 
 # Stricter than the kernel's dev_valid_name() (which forbids only "/", ":",
@@ -161,6 +162,8 @@ class CreatePlan:
     vhost: Vhost
     script: str | None
     downscript: str | None
+    #: the prepare op: a persistent tap the VMM opens by name; tapd keeps no fd
+    persistent: bool = False
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,33 @@ def _fd_names(key: str, value: str) -> tuple[str, ...]:
             f"{key}: {len(names)} fds is more than a tap has queues ({MAX_TAP_QUEUES})"
         )
     return names
+
+
+#: keys of QEMU's that cannot apply to a tap the VMM opens itself by name, and why
+_NOT_FOR_PREPARE = {
+    "fd": "a VMM that opens its tap by name passes no fd; use the request op to adopt one",
+    "fds": "a VMM that opens its tap by name passes no fds; use the request op to adopt them",
+    "helper": "prepare makes the tap itself; use the request op to run a helper",
+    "sndbuf": "the send buffer belongs to each queue's fd: the VMM sets it when it opens the tap",
+    "vhost": "the VMM opens /dev/vhost-net itself for a tap it opens by name",
+    "vhostfd": "the VMM opens /dev/vhost-net itself for a tap it opens by name",
+    "vhostfds": "the VMM opens /dev/vhost-net itself for a tap it opens by name",
+    "vhostforce": "the VMM opens /dev/vhost-net itself for a tap it opens by name",
+    "poll-us": "busy polling is set by the VMM on its own vhost fds",
+}
+
+
+def prepare_plan(opts: TapOptions, ifname_prefix: str | None = None) -> CreatePlan:
+    """What the prepare op makes: a persistent tap, by QEMU's rules for the
+    keys that apply (``br``, ``ifname``, ``queues``, ``vnet_hdr``, ``script``,
+    ``downscript``); any other key is refused with the reason it cannot apply."""
+    for key in opts.given():
+        reason = _NOT_FOR_PREPARE.get(key)
+        if reason is not None:
+            raise NotApplicable(f"{key} does not apply to the prepare op: {reason}")
+    what = plan(opts, ifname_prefix)
+    assert isinstance(what, CreatePlan)  # no fd=, fds= or helper= got this far
+    return dataclasses.replace(what, persistent=True)
 
 
 def plan(opts: TapOptions, ifname_prefix: str | None = None) -> Plan:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from .config import AllowRule, Config, DenyRule, is_id
 from .errors import Denied, QuotaExceeded
+from .fence import Fence
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class Decision:
     max_queues: int | None = None
     max_taps: int | None = None
     tap_gid: int | None = None
+    fence: Fence = field(default_factory=Fence)
+    #: the networks guest addresses must come from (empty: not filtered)
+    ip_ranges: tuple[str, ...] = ()
 
 
 class Policy:
@@ -108,6 +112,16 @@ class Policy:
                 max_queues=allow.max_queues,
                 max_taps=allow.max_taps,
                 tap_gid=tap_gid,
+                fence=Fence(
+                    mac_filtering=allow.mac_filtering,
+                    isolated=allow.port_isolation,
+                    learning=allow.learning,
+                    flood=allow.flood,
+                    ingress=allow.ingress_limit,
+                    egress=allow.egress_limit,
+                    ip_filter=bool(allow.ip_ranges),
+                ),
+                ip_ranges=allow.ip_ranges,
             )
         raise Denied(
             f"uid {peer.uid} is not allowed to use bridge {bridge!r}: no allow rule in "

@@ -8,13 +8,15 @@ an environment variable.
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
+from typing import Any
 
 import trio
 
 from . import fdpass
-from .errors import HelperFailed, HookFailed
+from .errors import HelperFailed, HookFailed, KernelError
 from .tun import close_all
 
 #: the whole environment a helper or script sees
@@ -22,13 +24,13 @@ CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
 
 async def _run(
-    argv: list[str], timeout: float, pass_fds: tuple[int, ...] = ()
+    argv: list[str], timeout: float, pass_fds: tuple[int, ...] = (), stdin: bytes = b""
 ) -> subprocess.CompletedProcess[bytes] | None:
     """Run ``argv`` to completion; None if it ran out of time (it is killed)."""
     with trio.move_on_after(timeout):
         return await trio.run_process(
             argv,
-            stdin=b"",
+            stdin=stdin,
             capture_stdout=True,
             capture_stderr=True,
             check=False,
@@ -93,3 +95,23 @@ async def run_helper(name: str, path: str, bridge: str, timeout: float) -> int:
     finally:
         close_all(fds)
         ours.close()
+
+
+async def run_nft(path: str, document: dict[str, Any], timeout: float = 10.0) -> bytes:
+    """Hand nft(8) one JSON document (``nft -j -f -``: a single transaction)
+    and return what it printed; :class:`KernelError` with nft's words if it
+    refused."""
+    result = await _run([path, "-j", "-f", "-"], timeout, stdin=json.dumps(document).encode())
+    if result is None:
+        raise KernelError(f"nft did not finish within {timeout:g} s")
+    if result.returncode != 0:
+        raise KernelError(f"nft refused tapd's rules: {_tail(result.stderr)}")
+    return result.stdout
+
+
+async def list_nft_table(path: str, family: str, table: str, timeout: float = 10.0) -> Any:
+    """``nft -j list table FAMILY TABLE`` as JSON; None if there is no such table."""
+    result = await _run([path, "-j", "list", "table", family, table], timeout)
+    if result is None or result.returncode != 0:
+        return None
+    return json.loads(result.stdout)

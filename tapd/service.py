@@ -14,16 +14,17 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 from pydantic import BaseModel
 
-from . import PROTOCOL_VERSION, __version__, metrics, owner, programs
+from . import PROTOCOL_VERSION, __version__, metrics, nft, owner, programs
 from .config import Config
 from .errors import Denied, InvalidValue, LeaseNotFound, TapdError
+from .fence import Fence, check_guest_ips, choose_mac
 from .leases import Lease, new_id
 from .lifecycle import Lifecycle
 from .models import (
@@ -33,12 +34,15 @@ from .models import (
     LeaseInfo,
     ListReply,
     MetricsReply,
+    PrepareReply,
+    PrepareRequest,
     ReleaseReply,
     Request,
     StatusReply,
     TapReply,
     TapRequest,
 )
+from .netlink import Bridge
 from .options import (
     DEFAULT_HELPER_BRIDGE,
     AdoptPlan,
@@ -47,6 +51,7 @@ from .options import (
     Plan,
     Vhost,
     plan,
+    prepare_plan,
 )
 from .policy import Decision, Peer, Policy
 from .taps import AdoptSpec, MadeTap, TapMaker, TapSpec, VhostSpec
@@ -162,7 +167,21 @@ class _Owner:
             self.pidfd = -1
 
 
-def _reply(made: MadeTap, fds: int, lease: Lease) -> TapReply:
+def _reply(made: MadeTap, fds: int, lease: Lease) -> TapReply | PrepareReply:
+    if lease.prepared:
+        return PrepareReply(
+            lease=lease.id,
+            ifname=made.ifname,
+            bridge=made.bridge,
+            queues=lease.queues,
+            vnet_hdr=made.vnet_hdr,
+            mac=made.mac,
+            mtu=made.mtu,
+            warnings=tuple(made.warnings),
+            guest_mac=lease.guest_mac,
+            fence=_fence(lease),
+            guest_ips=lease.guest_ips or None,
+        )
     return TapReply(
         lease=lease.id,
         ifname=made.ifname,
@@ -176,7 +195,34 @@ def _reply(made: MadeTap, fds: int, lease: Lease) -> TapReply:
         sndbuf=made.sndbuf,
         offloads=made.offloads,
         warnings=tuple(made.warnings),
+        guest_mac=lease.guest_mac,
+        fence=_fence(lease),
+        guest_ips=lease.guest_ips or None,
     )
+
+
+def _fence(lease: Lease) -> dict[str, bool | int] | None:
+    return Fence.from_tag(lease.fence).describe() if lease.fence else None
+
+
+@dataclass(frozen=True)
+class _Terms:
+    """What a grant will be held to: the rule that decided, and the guest's
+    MAC and addresses."""
+
+    decision: Decision
+    guest_mac: str
+    guest_ips: tuple[str, ...]
+
+
+class _Either:
+    """``x in _Either(a, b)``: in either container, without building a union."""
+
+    def __init__(self, *containers: Container[str]) -> None:
+        self._containers = containers
+
+    def __contains__(self, item: object) -> bool:
+        return any(item in c for c in self._containers)
 
 
 def _info(lease: Lease) -> LeaseInfo:
@@ -202,6 +248,8 @@ class Service:
         # Taps being made right now, per uid: counted against max_taps with
         # the live leases, so that parallel requests cannot overshoot it.
         self._making: Counter[int] = Counter()
+        self._reserved_macs: set[str] = set()
+        self._reserved_ips: set[str] = set()
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -212,8 +260,27 @@ class Service:
     async def handle(self, peer: Peer, request: Request, fds_in: list[int], log: Any) -> Grant:
         """Carry out ``request``.  ``fds_in`` stay the caller's to close."""
         if isinstance(request, TapRequest):
-            what = plan(request, self.config.taps.ifname_prefix)
-            return await self._request(peer, what, fds_in, log, _Owner.of_peer(peer))
+            return await self._request(
+                peer,
+                plan(request, self.config.taps.ifname_prefix),
+                fds_in,
+                log,
+                _Owner.of_peer(peer),
+                request.guest_mac,
+                guest_ips=request.guest_ips,
+            )
+        if isinstance(request, PrepareRequest):
+            # The requester owns the lease: tapctl prepare execs the VMM, so
+            # the VMM itself is the owner, and its exit ends the tap.
+            return await self._request(
+                peer,
+                prepare_plan(request, self.config.taps.ifname_prefix),
+                fds_in,
+                log,
+                _Owner.of_peer(peer),
+                request.guest_mac,
+                guest_ips=request.guest_ips,
+            )
         if isinstance(request, BridgeHelperRequest):
             # QEMU's bridge helper protocol: a tap on br (default br0), no other
             # options; the lease belongs to the QEMU that ran the helper.
@@ -222,7 +289,9 @@ class Service:
                 options["vnet_hdr"] = request.vnet_hdr
             what = plan(TapRequest.model_validate(options))
             vmm = _Owner.from_socket(fds_in[0], peer) if fds_in else _Owner.parent_of(peer)
-            return await self._request(peer, what, [], log, vmm)
+            # The helper protocol hands QEMU an fd and nothing else: QEMU's
+            # NIC keeps the MAC its command line gave it.
+            return await self._request(peer, what, [], log, vmm, mac_known=False)
         if request.op == "hello":
             return Grant(
                 HelloReply(
@@ -265,33 +334,73 @@ class Service:
     # -- requests for taps ----------------------------------------------------
 
     async def _request(
-        self, peer: Peer, what: Plan, fds_in: list[int], log: Any, owner_: _Owner
+        self,
+        peer: Peer,
+        what: Plan,
+        fds_in: list[int],
+        log: Any,
+        owner_: _Owner,
+        guest_mac: str | None = None,
+        mac_known: bool = True,
+        guest_ips: list[str] | None = None,
     ) -> Grant:
         with owner_:
             try:
-                return await self._granted(peer, what, fds_in, log, owner_)
+                return await self._granted(
+                    peer, what, fds_in, log, owner_, guest_mac, mac_known, guest_ips
+                )
             except TapdError as exc:
                 exc.context = {"bridge": what.bridge, "queues": what.queues, **exc.context}
                 raise
 
     async def _granted(
-        self, peer: Peer, what: Plan, fds_in: list[int], log: Any, owner_: _Owner
+        self,
+        peer: Peer,
+        what: Plan,
+        fds_in: list[int],
+        log: Any,
+        owner_: _Owner,
+        guest_mac: str | None,
+        mac_known: bool,
+        guest_ips: list[str] | None,
     ) -> Grant:
         log = log.bind(bridge=what.bridge, queues=what.queues)
         held = self.lifecycle.registry.held_by(peer.uid) + self._making[peer.uid]
         decision = self.policy.check(peer, what.bridge, what.queues, held)
         log = log.bind(rule=decision.rule)
+        if decision.fence.mac_filtering and not mac_known:
+            raise Denied(
+                f"bridge {what.bridge!r} lets a guest send only with the MAC tapd gives it "
+                f"({decision.rule} has mac_filtering), and QEMU's bridge helper protocol "
+                "cannot tell QEMU that MAC; use tapctl request ... -device ...,mac={mac}"
+            ).about(rule=decision.rule)
+        # A MAC chosen but not yet leased is reserved, so that two requests in
+        # flight never get the same one.
+        registry = self.lifecycle.registry
+        taken = _Either(registry.guest_macs, self._reserved_macs)
+        mac = choose_mac(guest_mac, self.config.taps.guest_mac_prefix, taken)
+        ips = check_guest_ips(
+            guest_ips,
+            decision.ip_ranges,
+            decision.rule,
+            _Either(registry.guest_ips, self._reserved_ips),
+        )
+        terms = _Terms(decision, mac, ips)
+        self._reserved_macs.add(mac)
+        self._reserved_ips.update(ips)
         self._making[peer.uid] += 1
         try:
             if isinstance(what, CreatePlan):
-                grant = await self._create(peer, what, decision, owner_, log)
+                grant = await self._create(peer, what, terms, owner_, log)
             elif isinstance(what, AdoptPlan):
-                grant = await self._adopt(peer, what, owner_, fds_in, log)
+                grant = await self._adopt(peer, what, terms, owner_, fds_in, log)
             else:
-                grant = await self._helper(peer, what, decision, owner_, log)
+                grant = await self._helper(peer, what, terms, owner_, log)
             grant.rule = decision.rule
             return grant
         finally:
+            self._reserved_macs.discard(mac)
+            self._reserved_ips.difference_update(ips)
             self._making[peer.uid] -= 1
             if not self._making[peer.uid]:
                 del self._making[peer.uid]
@@ -318,11 +427,13 @@ class Service:
         queues: int,
         owner_: _Owner,
         downscript: str | None,
+        terms: _Terms,
         adopted: bool = False,
+        prepared: bool = False,
     ) -> Lease:
         """A lease with its tag, before the tap exists (the tag is set just
         before the tap joins its bridge)."""
-        return Lease(
+        lease = Lease(
             id=new_id(),
             ifname="",
             ifindex=0,
@@ -335,9 +446,18 @@ class Service:
             created=int(time.time()),
             downscript=downscript,
             adopted=adopted,
+            prepared=prepared,
+            guest_mac=terms.guest_mac,
+            fence=terms.decision.fence.tag(),
+            guest_ips=terms.guest_ips,
         )
+        if not lease.fits():
+            raise InvalidValue(
+                "guest_ips: too many or too long addresses to record with the lease; name fewer"
+            )
+        return lease
 
-    def _grant(
+    async def _grant(
         self,
         owner_: _Owner,
         made: MadeTap,
@@ -348,12 +468,24 @@ class Service:
         downscript_path: str | None = None,
     ) -> Grant:
         lease = dataclasses.replace(lease, ifname=made.ifname, ifindex=made.ifindex)
-        # Tracked before the reply goes out: the VM may close its fds (and the
-        # kernel announce the tap's end) the moment it has them.
         try:
+            if lease.fence:
+                # Fenced before anyone but tapd holds a queue: the guest never
+                # has a moment on an open port.
+                fence = Fence.from_tag(lease.fence)
+                await self.worker.run(self.maker.fence, made.ifindex, fence, lease.guest_mac)
+                if fence.ip_filter:
+                    await programs.run_nft(
+                        self.config.programs.nft,
+                        nft.lease_rules(lease.ifname, lease.guest_mac, lease.guest_ips),
+                    )
+            # Tracked before the reply goes out: the VM may close its fds (and
+            # the kernel announce the tap's end) the moment it has them.
             self.lifecycle.begin(lease, owner_.take())
         except BaseException:
             close_all(fds)  # the tap fds we made (an adopted tap's stay the client's)
+            if lease.prepared:
+                await self._discard(made, persistent=True)
             raise
 
         def granted() -> None:
@@ -363,6 +495,8 @@ class Service:
                 lease=lease.id,
                 ifname=made.ifname,
                 mac=made.mac,
+                guest_mac=lease.guest_mac,
+                fence=lease.fence or None,
                 warnings=made.warnings or None,
             )
 
@@ -377,12 +511,26 @@ class Service:
         )
 
     async def _create(
-        self, peer: Peer, what: CreatePlan, decision: Decision, owner_: _Owner, log: Any
+        self,
+        peer: Peer,
+        what: CreatePlan,
+        terms: _Terms,
+        owner_: _Owner,
+        log: Any,
     ) -> Grant:
+        decision = terms.decision
         hooks = self.config.programs.hooks
         script = what.script and self._program("script", hooks, what.script)
         downscript = what.downscript and self._program("downscript", hooks, what.downscript)
-        lease = self._lease(peer, what.bridge, what.queues, owner_, what.downscript)
+        lease = self._lease(
+            peer,
+            what.bridge,
+            what.queues,
+            owner_,
+            what.downscript,
+            terms,
+            prepared=what.persistent,
+        )
         spec = TapSpec(
             bridge=what.bridge,
             ifname=what.ifname,
@@ -395,17 +543,22 @@ class Service:
             vhost=self._vhost(what.vhost),
             alias=lease.tag(),
         )
-        made = await self._make(spec)
+        if what.persistent:
+            # Worker: besides joining, the last close of tapd's queue waits
+            # for an RCU grace period.
+            made = await self.worker.run(self.maker.prepare, spec, await self._bridge(spec.bridge))
+        else:
+            made = await self._make(spec)
         if script and what.script:
             try:
                 await programs.run_hook(
                     what.script, script, made.ifname, self.config.programs.hook_timeout
                 )
             except BaseException:
-                await self._discard(made)
+                await self._discard(made, persistent=what.persistent)
                 raise
             log.info("hook.script.complete", script=what.script, ifname=made.ifname)
-        return self._grant(
+        return await self._grant(
             owner_, made, lease, made.fds + made.vhost_fds, len(made.fds), log, downscript or None
         )
 
@@ -421,9 +574,7 @@ class Service:
         tap that failed half-way is also slow (the last close of a queue
         waits for an RCU grace period), so that goes to the worker too.
         """
-        bridge = self.maker.cached_bridge(spec.bridge)
-        if bridge is None:
-            bridge = await self.worker.run(self.maker.bridge, spec.bridge)
+        bridge = await self._bridge(spec.bridge)
         if spec.queues > 1 or self.worker.busy:
             return await self.worker.run(self.maker.make, spec, bridge)
         made = self.maker.create(spec, bridge)
@@ -434,16 +585,27 @@ class Service:
             raise
         return made
 
-    async def _discard(self, made: MadeTap) -> None:
+    async def _bridge(self, name: str) -> Bridge:
+        bridge = self.maker.cached_bridge(name)
+        if bridge is None:
+            bridge = await self.worker.run(self.maker.bridge, name)
+        return bridge
+
+    async def _discard(self, made: MadeTap, persistent: bool = False) -> None:
         """Remove a tap that will not be granted, off the loop: the last
-        close of a queue waits for an RCU grace period."""
+        close of a queue waits for an RCU grace period, and a persistent tap
+        outlives its fds."""
         with trio.CancelScope(shield=True):
-            await self.worker.run(made.close)
+            if persistent:
+                await self.worker.run(self.maker.remove, made.ifindex)
+            else:
+                await self.worker.run(made.close)
 
     async def _adopt(
         self,
         peer: Peer,
         what: AdoptPlan,
+        terms: _Terms,
         owner_: _Owner,
         fds_in: list[int],
         log: Any,
@@ -453,7 +615,7 @@ class Service:
                 f"the request names {len(what.names)} tap fd(s) but {len(fds_in)} "
                 "arrived with it; send them in SCM_RIGHTS with the request line"
             )
-        lease = self._lease(peer, what.bridge, what.queues, owner_, None, adopted=True)
+        lease = self._lease(peer, what.bridge, what.queues, owner_, None, terms, adopted=True)
         spec = AdoptSpec(
             bridge=what.bridge,
             fds=tuple(fds_in[: len(what.names)]),
@@ -465,13 +627,19 @@ class Service:
         )
         made = await self.worker.run(self.maker.adopt, spec)
         # The client keeps its own tap fds; only vhost fds go back.
-        return self._grant(owner_, made, lease, list(made.vhost_fds), 0, log)
+        return await self._grant(owner_, made, lease, list(made.vhost_fds), 0, log)
 
     async def _helper(
-        self, peer: Peer, what: HelperPlan, decision: Decision, owner_: _Owner, log: Any
+        self,
+        peer: Peer,
+        what: HelperPlan,
+        terms: _Terms,
+        owner_: _Owner,
+        log: Any,
     ) -> Grant:
+        decision = terms.decision
         path = self._program("helper", self.config.programs.helpers, what.helper)
-        lease = self._lease(peer, what.bridge, 1, owner_, None)
+        lease = self._lease(peer, what.bridge, 1, owner_, None, terms)
         fd = await programs.run_helper(
             what.helper, path, what.bridge, self.config.programs.helper_timeout
         )
@@ -490,4 +658,4 @@ class Service:
         except BaseException:
             close_all([fd])
             raise
-        return self._grant(owner_, made, lease, [fd, *made.vhost_fds], 1, log)
+        return await self._grant(owner_, made, lease, [fd, *made.vhost_fds], 1, log)

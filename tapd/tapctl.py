@@ -30,9 +30,9 @@ def _parser() -> argparse.ArgumentParser:
         help="get a tap on a bridge, and optionally run a command with it",
         description=(
             "Ask tapd for a tap on BR.  With -- CMD ARGS, run CMD with the tap's fds "
-            "inherited, replacing {fd}, {fds}, {vhostfd}, {vhostfds} and {ifname} in "
-            "ARGS.  Without CMD, print the reply and exit: the tap vanishes when "
-            "tapctl exits, because nothing holds its fds any more."
+            "inherited, replacing {fd}, {fds}, {vhostfd}, {vhostfds}, {ifname} and {mac} "
+            "(the guest NIC's MAC) in ARGS.  Without CMD, print the reply and exit: the "
+            "tap vanishes when tapctl exits, because nothing holds its fds any more."
         ),
     )
     req.add_argument("--br", help="bridge to attach the tap to")
@@ -52,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     req.add_argument("--downscript", metavar="NAME", help="a down script the admin listed")
     req.add_argument("--helper", metavar="NAME", help="a bridge helper the admin listed")
     req.add_argument(
+        "--guest-mac", metavar="MAC", help="the guest NIC's MAC (default: tapd picks a free one)"
+    )
+    req.add_argument(
+        "--guest-ip", dest="guest_ips", metavar="ADDR", action="append",
+        help="an address the guest will use (repeat; needed where the rule has ip_ranges)",
+    )  # fmt: skip
+    req.add_argument(
         "--netdev",
         metavar="OPTS",
         help="QEMU -netdev tap options as is, e.g. 'tap,id=n0,queues=4,vhost=on' "
@@ -59,6 +66,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     req.add_argument("--json", action="store_true", help="print the reply as JSON")
     req.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    prep = verbs.add_parser(
+        "prepare",
+        help="make a persistent tap a VMM opens by name, and run the VMM",
+        description=(
+            "Ask tapd for a persistent tap on BR that a VMM opens itself by name "
+            "(Firecracker, crosvm --tap-name, cloud-hypervisor tap=, libvirt "
+            "ethernet, QEMU ifname=...,script=no).  With -- CMD ARGS, exec CMD "
+            "replacing {ifname} and {mac} (the guest NIC's MAC) in ARGS: the lease "
+            "belongs to this process, so the tap is removed when CMD exits.  Without "
+            "CMD, print the reply and exit, which removes the tap again."
+        ),
+    )
+    prep.add_argument("--br", required=True, help="bridge to attach the tap to")
+    prep.add_argument("--ifname", help="name for the tap (default: the daemon's template)")
+    prep.add_argument("--queues", type=int, help="queues the VMM will attach (multiqueue tap)")
+    pvnet = prep.add_mutually_exclusive_group()
+    pvnet.add_argument("--vnet-hdr", dest="vnet_hdr", action="store_const", const=True)
+    pvnet.add_argument("--no-vnet-hdr", dest="vnet_hdr", action="store_const", const=False)
+    prep.add_argument("--script", metavar="NAME", help="a network script the admin listed")
+    prep.add_argument("--downscript", metavar="NAME", help="a down script the admin listed")
+    prep.add_argument(
+        "--guest-mac", metavar="MAC", help="the guest NIC's MAC (default: tapd picks a free one)"
+    )
+    prep.add_argument(
+        "--guest-ip", dest="guest_ips", metavar="ADDR", action="append",
+        help="an address the guest will use (repeat; needed where the rule has ip_ranges)",
+    )  # fmt: skip
+    prep.add_argument("--json", action="store_true", help="print the reply as JSON")
+    prep.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     lst = verbs.add_parser("list", help="your leases (root: all of them)")
     lst.add_argument("--json", action="store_true", help="print a JSON list of leases")
     rel = verbs.add_parser("release", help="end a lease now: its tap is removed")
@@ -103,6 +139,7 @@ def substitute(args: Sequence[str], grant: client.TapGrant) -> list[str]:
         "{vhostfd}": str(grant.vhost_fds[0]) if grant.vhost_fds else None,
         "{vhostfds}": ":".join(map(str, grant.vhost_fds)) or None,
         "{ifname}": grant.ifname,
+        "{mac}": grant.guest_mac,
     }
     out = []
     for arg in args:
@@ -208,7 +245,7 @@ def _request(args: argparse.Namespace) -> int:
     options = parse_netdev(args.netdev) if args.netdev else {}
     for key in (
         "br", "ifname", "queues", "vnet_hdr", "sndbuf", "vhost", "vhostforce",
-        "script", "downscript", "helper",
+        "script", "downscript", "helper", "guest_mac", "guest_ips",
     ):  # fmt: skip
         value = getattr(args, key)
         if value is not None:
@@ -225,6 +262,41 @@ def _request(args: argparse.Namespace) -> int:
         os.execvp(argv[0], argv)
     except OSError as exc:
         grant.close()
+        print(f"tapctl: cannot run {argv[0]}: {exc.strerror}", file=sys.stderr)
+        return 127
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    reply = client.prepare_tap(
+        path=args.socket,
+        br=args.br,
+        ifname=args.ifname,
+        queues=args.queues,
+        vnet_hdr=args.vnet_hdr,
+        script=args.script,
+        downscript=args.downscript,
+        guest_mac=args.guest_mac,
+        guest_ips=args.guest_ips,
+    )
+    if not command:
+        if args.json:
+            print(json.dumps(reply))
+        else:
+            print(
+                f"{reply['ifname']}: bridge {reply['bridge']} mac {reply['mac']} "
+                f"mtu {reply['mtu']} queues {reply['queues']} (removed as tapctl exits)"
+            )
+        return 0
+    argv = [
+        arg.replace("{ifname}", str(reply["ifname"])).replace("{mac}", str(reply["guest_mac"]))
+        for arg in command
+    ]
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
         print(f"tapctl: cannot run {argv[0]}: {exc.strerror}", file=sys.stderr)
         return 127
 
@@ -333,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
             return _metrics(args)
         if args.verb == "helper":
             return _helper(args)
+        if args.verb == "prepare":
+            return _prepare(args)
         return _request(args)
     except client.ClientError as exc:
         print(f"tapctl: {exc.message} [{exc.code}]", file=sys.stderr)

@@ -29,6 +29,7 @@ from .errors import (
     Unsupported,
     VhostUnavailable,
 )
+from .fence import Fence
 from .netlink import Bridge, Netlink, TapLink, TunInfo
 
 
@@ -105,6 +106,12 @@ class TapMaker(Protocol):
 
     def make(self, spec: TapSpec, bridge: Bridge) -> MadeTap: ...
 
+    def prepare(self, spec: TapSpec, bridge: Bridge) -> MadeTap: ...
+
+    def remove(self, index: int) -> bool: ...
+
+    def fence(self, index: int, fence: Fence, guest_mac: str | None) -> None: ...
+
     def adopt(self, spec: AdoptSpec) -> MadeTap: ...
 
 
@@ -140,16 +147,18 @@ _NAME_ATTEMPTS = 16
 _INTRUSION_ATTEMPTS = 8
 
 
-def intrusion(info: TunInfo | None, spec: TapSpec) -> str | None:
-    """Why the multi-queue tap just made for ``spec`` may hold a queue of
-    someone else's, or None when the kernel reports exactly what tapd made."""
+def intrusion(info: TunInfo | None, spec: TapSpec, made: int | None = None) -> str | None:
+    """Why the multi-queue tap just made for ``spec`` (``made`` queues of it,
+    default all) may hold a queue of someone else's, or None when the kernel
+    reports exactly what tapd made."""
     if info is None:
         return "it is gone, or is no tap any more"
     held = info.queues + info.disabled
-    if held != spec.queues:
+    made = spec.queues if made is None else made
+    if held != made:
         return (
             f"it holds {held} queues ({info.queues} attached, {info.disabled} disabled) "
-            f"where tapd made {spec.queues}"
+            f"where tapd made {made}"
         )
     if (info.owner, info.group) != (spec.owner_uid, spec.owner_gid):
         return (
@@ -219,15 +228,20 @@ class KernelTaps:
             )
         return offered if wanted is None else wanted
 
-    def _create(self, spec: TapSpec, vnet_hdr: bool) -> tuple[str, list[int]]:
+    def _create(
+        self, spec: TapSpec, vnet_hdr: bool, queues: int | None = None
+    ) -> tuple[str, list[int]]:
+        """Create the device with ``queues`` queue fds (default: all of
+        ``spec.queues``); it is multi-queue whenever ``spec.queues`` > 1."""
         if spec.queues > 1 and not self.features.multi_queue:
             raise Unsupported(
                 "multiqueue required, but no kernel support for IFF_MULTI_QUEUE available"
             )
+        count = spec.queues if queues is None else queues
         if spec.queues == 1:
             # tun_attach() refuses a second queue on a single-queue device
             # (EBUSY), so nobody can have slipped in: nothing to count.
-            return self._create_named(spec, vnet_hdr)
+            return self._create_named(spec, vnet_hdr, count)
         # A multi-queue device has no owner from its first TUNSETIFF until the
         # TUNSETOWNER right after it, and rtnetlink announces its name to any
         # listener: a queue attached in that instant would stay, reading and
@@ -235,10 +249,10 @@ class KernelTaps:
         # holds; on a surplus remove it by index (the intruder's queue would
         # keep it alive after ours are closed) and make another.
         for _ in range(_INTRUSION_ATTEMPTS):
-            name, fds = self._create_named(spec, vnet_hdr)
+            name, fds = self._create_named(spec, vnet_hdr, count)
             try:
                 index = tun.ifindex(name)
-                problem = intrusion(self.netlink.tun_info(index), spec)
+                problem = intrusion(self.netlink.tun_info(index), spec, count)
                 if problem is not None:
                     log.get().warning("tap.create.intruded", ifname=name, problem=problem)
                     self.netlink.delete(index)
@@ -253,16 +267,17 @@ class KernelTaps:
             "for this request while it was being made; tapd removed them (see its log)"
         )
 
-    def _create_named(self, spec: TapSpec, vnet_hdr: bool) -> tuple[str, list[int]]:
-        """The tap's queues under the request's name, or a free name from the
-        template; its owner and group set on its first queue."""
+    def _create_named(self, spec: TapSpec, vnet_hdr: bool, count: int) -> tuple[str, list[int]]:
+        """``count`` queues of the tap under the request's name, or a free name
+        from the template; its owner and group set on its first queue."""
         create = functools.partial(
             tun.create_tap,
-            queues=spec.queues,
+            queues=count,
             vnet_hdr=vnet_hdr,
             path=self.tun_device,
             owner_uid=spec.owner_uid,
             owner_gid=spec.owner_gid,
+            multi_queue=spec.queues > 1,
         )
         if spec.ifname is not None:
             return spec.ifname, create(spec.ifname)
@@ -309,6 +324,55 @@ class KernelTaps:
             made.close()
             raise
         return made
+
+    def prepare(self, spec: TapSpec, bridge: Bridge) -> MadeTap:
+        """A persistent tap for a VMM that opens it by name (worker thread).
+
+        tapd opens one queue - multi-queue when ``spec.queues`` > 1, so that
+        the VMM may attach that many - given to the requester on that queue
+        (TUNSETOWNER/TUNSETGROUP: only that uid may attach without privilege,
+        drivers/net/tun.c tun_not_capable()), makes it persistent, puts it on
+        the bridge and closes its own queue: the tap stays, with no queue
+        attached, until the VMM opens it.  Any failure
+        clears persistence first, so the close removes what was made.
+        """
+        vnet_hdr = self._vnet_hdr(spec.vnet_hdr)
+        name, fds = self._create(spec, vnet_hdr, queues=1)
+        made = _made(name, fds, vnet_hdr, bridge)
+        (fd,) = fds
+        persistent = False
+        try:
+            # _create gave the device to the requester on its first queue
+            # (and counted a multi-queue one's): now it may outlive tapd's fd.
+            tun.set_persist(fd, True)
+            persistent = True
+            made.ifindex = tun.ifindex(name)
+            self.netlink.join_bridge(made.ifindex, name, bridge, made.mac, spec.alias)
+        except BaseException:
+            if persistent:
+                try:
+                    tun.set_persist(fd, False)
+                except KernelError:
+                    self.netlink.delete(tun.ifindex(name))
+            made.close()
+            raise
+        made.close()  # the tap stays: it is persistent
+        return made
+
+    def fence(self, index: int, fence: Fence, guest_mac: str | None) -> None:
+        """Set the port flags ``fence`` asks for on tap ``index`` (a port of its
+        bridge), and with mac_filtering the static FDB entry that lets
+        ``guest_mac`` through the locked port (worker thread).  Idempotent: a
+        restarted tapd re-applies it."""
+        mac = guest_mac if fence.mac_filtering else None
+        self.netlink.set_port(index, fence.port_flags(), mac)
+        if fence.shaped:
+            self.netlink.shape(index, fence.ingress, fence.egress)
+
+    def remove(self, index: int) -> bool:
+        """Remove a tap by index, held or persistent (worker thread); False if
+        it was already gone."""
+        return self.netlink.delete(index)
 
     def adopt(self, spec: AdoptSpec) -> MadeTap:
         """Check fds someone else made, then treat them as :meth:`make` would.

@@ -138,6 +138,7 @@ def create_tap(
     path: str = TUN_PATH,
     owner_uid: int | None = None,
     owner_gid: int | None = None,
+    multi_queue: bool | None = None,
 ) -> list[int]:
     """Create tap ``name`` with ``queues`` queue fds and return them.
 
@@ -152,12 +153,14 @@ def create_tap(
     queues (see :meth:`tapd.taps.KernelTaps`); a single-queue tap refuses a
     second queue with EBUSY (tun_attach()).  Later queues attach to the device
     this call just made.  On any failure every fd opened so far is closed,
-    which removes the (non-persistent) device with it.
+    which removes the (non-persistent) device with it.  ``multi_queue``
+    (default: ``queues`` > 1) makes an ``IFF_MULTI_QUEUE`` device even with
+    one queue fd, for a VMM that attaches its queues itself.
     """
     flags = IFF_TAP | IFF_NO_PI
     if vnet_hdr:
         flags |= IFF_VNET_HDR
-    if queues > 1:
+    if queues > 1 if multi_queue is None else multi_queue:
         flags |= IFF_MULTI_QUEUE
     fds: list[int] = []
     try:
@@ -239,6 +242,16 @@ def _set_arg(fd: int, request: int, value: int, doing: str) -> None:
 
 def set_owner(fd: int, uid: int) -> None:
     _set_arg(fd, TUNSETOWNER, uid, f"giving the tap to uid {uid}")
+
+
+def set_persist(fd: int, persist: bool) -> None:
+    """TUNSETPERSIST: a persistent tap outlives its last queue fd."""
+    _set_arg(
+        fd,
+        TUNSETPERSIST,
+        int(persist),
+        "making the tap persistent" if persist else "making the tap non-persistent",
+    )
 
 
 def set_group(fd: int, gid: int) -> None:

@@ -26,6 +26,12 @@ Kernel command line understood by the guest ``/init``:
 ``tapd.listen=1``
     after the ping (and wait), never power off: the guest kernel keeps
     answering pings until QEMU is killed.
+``tapd.fetch=URL``
+    after the ping, download URL with busybox wget, timed by the guest's
+    uptime (``fetch=ok ft0=T ft1=T``): what the guest receives.
+``tapd.post=URL,KIB``
+    then POST KIB KiB (of "x") to URL, timed the same way (``post=ok pt0=T
+    pt1=T``): what the guest sends.
 
 Serial output lines (parse with :func:`parse_guest_output`)::
 
@@ -106,7 +112,7 @@ finish() { say done; sync; poweroff -f; sleep 5; exit 1; }
 
 say boot
 
-IP=; PING=; PINGTRIES=15; PINGCOUNT=0; WAIT=0; LISTEN=0
+IP=; PING=; PINGTRIES=15; PINGCOUNT=0; WAIT=0; LISTEN=0; FETCH=; POST=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         tapd.ip=*) IP="${arg#tapd.ip=}" ;;
@@ -115,6 +121,8 @@ for arg in $(cat /proc/cmdline); do
         tapd.pingcount=*) PINGCOUNT="${arg#tapd.pingcount=}" ;;
         tapd.wait=*) WAIT="${arg#tapd.wait=}" ;;
         tapd.listen=*) LISTEN="${arg#tapd.listen=}" ;;
+        tapd.fetch=*) FETCH="${arg#tapd.fetch=}" ;;
+        tapd.post=*) POST="${arg#tapd.post=}" ;;
     esac
 done
 
@@ -179,6 +187,23 @@ else
     else
         say "ping=fail tries=$tries uptime=$up"
     fi
+fi
+
+# Timed transfers, for rate limits: the clock is the guest's own uptime.
+if [ -n "$FETCH" ]; then
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    if wget -q -O /dev/null "$FETCH"; then r=ok; else r=fail; fi
+    t1=$(cut -d' ' -f1 /proc/uptime)
+    say "fetch=$r ft0=$t0 ft1=$t1"
+fi
+if [ -n "$POST" ]; then
+    # not zeros: busybox wget sends a --post-file as a C string (strlen)
+    dd if=/dev/zero bs=1024 count="${POST##*,}" 2>/dev/null | tr '\0' x >/blob
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    if wget -q -O /dev/null --post-file=/blob "${POST%,*}"; then r=ok; else r=fail; fi
+    t1=$(cut -d' ' -f1 /proc/uptime)
+    rm -f /blob
+    say "post=$r pt0=$t0 pt1=$t1"
 fi
 
 [ "$WAIT" != 0 ] && sleep "$WAIT"

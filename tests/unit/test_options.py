@@ -468,3 +468,49 @@ def test_qemu_rules_come_first() -> None:
     with pytest.raises(errors.InvalidOptions) as caught:
         plan(opts(br="br0", fd="3", queues=2))
     assert caught.value.message == WITH_FD
+
+
+# -- the prepare op: a tap the VMM opens by name ---------------------------------
+
+
+def test_prepare_plans_a_persistent_tap_with_the_keys_that_apply() -> None:
+    from tapd.options import prepare_plan
+
+    got = prepare_plan(
+        TapOptions.model_validate(
+            {"br": "br0", "ifname": "vm1", "queues": 4, "vnet_hdr": False, "script": "ifup"}
+        )
+    )
+    assert isinstance(got, CreatePlan)
+    assert got.persistent
+    assert (got.bridge, got.ifname, got.queues, got.vnet_hdr, got.script) == (
+        "br0", "vm1", 4, False, "ifup",
+    )  # fmt: skip
+    assert not got.vhost.provide
+    # the request op's plan stays a tap tapd hands out by fd
+    assert not plan(TapOptions.model_validate({"br": "br0"})).persistent  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "key", ["fd", "fds", "helper", "sndbuf", "vhost", "vhostfd", "vhostfds", "vhostforce",
+            "poll-us"],
+)  # fmt: skip
+def test_prepare_names_the_key_that_cannot_apply(key: str) -> None:
+    from tapd.options import prepare_plan
+
+    with pytest.raises(errors.NotApplicable, match=f"^{key} does not apply to the prepare op"):
+        value = {"sndbuf": 0, "vhost": False, "vhostforce": False, "poll-us": 0}.get(key)
+        prepare_plan(
+            TapOptions.model_validate({"br": "br0", key: GIVEN[key] if value is None else value})
+        )
+
+
+def test_prepare_judges_the_rest_as_request_does() -> None:
+    from tapd.options import prepare_plan
+
+    with pytest.raises(errors.InvalidIfname):
+        prepare_plan(TapOptions.model_validate({"br": "br0", "ifname": "a b"}))
+    with pytest.raises(errors.InvalidValue, match="queues"):
+        prepare_plan(TapOptions.model_validate({"br": "br0", "queues": 0}))
+    with pytest.raises(errors.InvalidValue, match="br"):
+        prepare_plan(TapOptions.model_validate({}))

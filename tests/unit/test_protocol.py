@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tapd import errors, protocol
-from tapd.models import HelloReply, HelloRequest, TapRequest
+from tapd.models import TAPD_REQUEST_KEYS, HelloReply, HelloRequest, TapRequest
 
 KIB = 1024
 
@@ -196,9 +196,11 @@ def test_request_keeps_every_value_as_sent() -> None:
     }
 
 
-def test_request_keys_are_exactly_qapi_netdev_tap_options() -> None:
+def test_request_keys_are_exactly_qapi_netdev_tap_options_and_tapds_own() -> None:
     wire_keys = {field.alias or name for name, field in TapRequest.model_fields.items()}
-    assert wire_keys == {"op", *QAPI_TAP_MEMBERS}
+    assert wire_keys == {"op", *QAPI_TAP_MEMBERS, *TAPD_REQUEST_KEYS}
+    # tapd's own keys never take a name QEMU uses for a tap
+    assert not TAPD_REQUEST_KEYS & set(QAPI_TAP_MEMBERS)
 
 
 def test_every_qapi_member_at_once_is_accepted() -> None:

@@ -1,0 +1,167 @@
+"""IP anti-spoofing for a guest, as nftables documents.  Pure: no I/O.
+
+A rule with ``ip_ranges`` lets a guest use only the addresses its request
+named (``guest_ips``, inside those ranges).  Frames from its tap pass through
+one chain of the lease's own in the bridge family's table ``tapd``, reached
+from the ``prerouting`` hook by a verdict map keyed on the input interface:
+
+* ARP: the sender hardware address must be the lease's ``guest_mac`` and the
+  sender IP one of its IPv4 addresses (or 0.0.0.0, an RFC 5227 probe): no
+  ARP reply for someone else's address;
+* IPv4: the source must be one of its addresses (a DHCP discover from
+  0.0.0.0 to port 67 passes);
+* IPv6: the source must be one of its addresses, link-local or unspecified
+  (DAD), and a neighbour advertisement's target one of its addresses or
+  link-local: no ND answer for someone else's address;
+* any other ethertype (VLAN tags included) is dropped.
+
+The documents are nft's JSON (libnftables-json(5)), which the ``nft`` tool
+from Debian's nftables package reads with ``-j -f -``: no ruleset text is
+assembled by hand.  Each lease's document is one transaction.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+TABLE = "tapd"
+_T = {"family": "bridge", "table": TABLE}
+_LINK_LOCAL = ipaddress.IPv6Network("fe80::/10")
+
+
+def chain_name(ifname: str) -> str:
+    return f"lease-{ifname}"
+
+
+def _hex(address: ipaddress.IPv6Address) -> str:
+    # A raw payload (the ND target) compares as a 128-bit integer, which nft's
+    # JSON parser reads from a string, not a JSON number.
+    return "0x" + address.packed.hex()
+
+
+def _match(left: dict[str, Any], op: str, right: Any) -> dict[str, Any]:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _field(protocol: str, field: str) -> dict[str, Any]:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _protocol(name: str) -> dict[str, Any]:
+    return _match({"meta": {"key": "protocol"}}, "==", name)
+
+
+_DROP = {"drop": None}
+
+
+def _jump(chain: str) -> dict[str, Any]:
+    return {"jump": {"target": chain}}
+
+
+def _base() -> list[dict[str, Any]]:
+    """The table, the map and the hook: made or made again, never doubled."""
+    return [
+        {"add": {"table": {"family": "bridge", "name": TABLE}}},
+        {"add": {"map": {**_T, "name": "ports", "type": "ifname", "map": "verdict"}}},
+        {
+            "add": {
+                "chain": {
+                    **_T,
+                    "name": "prerouting",
+                    "type": "filter",
+                    "hook": "prerouting",
+                    "prio": -200,
+                    "policy": "accept",
+                }
+            }
+        },
+        {"flush": {"chain": {**_T, "name": "prerouting"}}},
+        {
+            "add": {
+                "rule": {
+                    **_T,
+                    "chain": "prerouting",
+                    "expr": [{"vmap": {"key": {"meta": {"key": "iifname"}}, "data": "@ports"}}],
+                }
+            }
+        },
+    ]
+
+
+def lease_rules(ifname: str, guest_mac: str | None, ips: tuple[str, ...]) -> dict[str, Any]:
+    """The transaction that fences tap ``ifname`` to ``ips`` (idempotent)."""
+    addresses = [ipaddress.ip_address(ip) for ip in ips]
+    v4 = sorted(str(a) for a in addresses if a.version == 4)
+    v6 = [a for a in addresses if isinstance(a, ipaddress.IPv6Address)]
+    chain = chain_name(ifname)
+    link_local = {"prefix": {"addr": "fe80::", "len": 10}}
+    link_local_raw = {
+        "range": [_hex(_LINK_LOCAL.network_address), _hex(_LINK_LOCAL.broadcast_address)]
+    }
+    rules: list[list[dict[str, Any]]] = []
+    if guest_mac is not None:
+        rules.append(
+            [_protocol("arp"), _match(_field("arp", "saddr ether"), "!=", guest_mac), _DROP]
+        )
+    rules.append(
+        [_protocol("arp"), _match(_field("arp", "saddr ip"), "!=", {"set": [*v4, "0.0.0.0"]}),
+         _DROP]
+    )  # fmt: skip
+    rules.append(
+        [
+            _match(_field("ip", "saddr"), "==", "0.0.0.0"),
+            _match(_field("udp", "dport"), "==", 67),
+            {"accept": None},
+        ]
+    )
+    rules.append([_protocol("ip"), _match(_field("ip", "saddr"), "!=", {"set": v4}), _DROP]
+                 if v4 else [_protocol("ip"), _DROP])  # fmt: skip
+    rules.append(
+        [_protocol("ip6"),
+         _match(_field("ip6", "saddr"), "!=", {"set": [*map(str, v6), "::", link_local]}), _DROP]
+    )  # fmt: skip
+    rules.append(
+        [
+            _protocol("ip6"),
+            _match(_field("icmpv6", "type"), "==", "nd-neighbor-advert"),
+            _match(
+                {"payload": {"base": "th", "offset": 64, "len": 128}},  # the target address
+                "!=",
+                {"set": [*map(_hex, v6), link_local_raw]},
+            ),
+            _DROP,
+        ]
+    )
+    rules.append(
+        [_match({"meta": {"key": "protocol"}}, "!=", {"set": ["arp", "ip", "ip6"]}), _DROP]
+    )
+    doc: list[dict[str, Any]] = [
+        *_base(),
+        {"add": {"chain": {**_T, "name": chain}}},
+        {"flush": {"chain": {**_T, "name": chain}}},
+        *({"add": {"rule": {**_T, "chain": chain, "expr": expr}}} for expr in rules),
+        # the same element added again (a restarted tapd) is no error
+        {"add": {"element": {**_T, "name": "ports", "elem": [[ifname, _jump(chain)]]}}},
+    ]
+    return {"nftables": doc}
+
+
+def remove_lease(ifname: str) -> dict[str, Any]:
+    """The transaction that takes a lease's chain away (its map entry first)."""
+    return {
+        "nftables": [
+            {"delete": {"element": {**_T, "name": "ports", "elem": [ifname]}}},
+            {"delete": {"chain": {**_T, "name": chain_name(ifname)}}},
+        ]
+    }
+
+
+def leased_ifnames(listing: dict[str, Any]) -> list[str]:
+    """Interfaces with a chain in ``nft -j list table bridge tapd``'s output."""
+    names = []
+    for item in listing.get("nftables", []):
+        chain = item.get("chain")
+        if chain and chain.get("name", "").startswith("lease-"):
+            names.append(chain["name"].removeprefix("lease-"))
+    return names
