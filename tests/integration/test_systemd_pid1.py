@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -56,7 +57,7 @@ def build_wheels(into: Path) -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     wanted = [*project["project"]["dependencies"], *project["build-system"]["requires"], "wheel"]
     subprocess.run(
-        [str(REPO / ".venv/bin/pip"), "wheel", "-q", "-w", str(into), *wanted],
+        [sys.executable, "-m", "pip", "wheel", "-q", "-w", str(into), *wanted],
         check=True,
         capture_output=True,
     )
@@ -254,7 +255,8 @@ def journal(box: Machine, *args: str) -> str:
 
 def restore_example(box: Machine) -> None:
     box.run("install", "-m", "0644", f"{CLONE}/config/tapd.toml", CONFIG)
-    box.run("systemctl", "reload", "tapd")
+    # A tapd that is not running starts on the next connection, with this file.
+    box.run("systemctl", "try-reload-or-restart", "tapd")
 
 
 # -- the checks ---------------------------------------------------------------
