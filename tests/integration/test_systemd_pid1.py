@@ -217,11 +217,7 @@ def install(box: Machine) -> None:
     """A clean clone in /root, and the README's block run there, verbatim."""
     box.run("mkdir", "-p", CLONE)
     box.run("tar", "-x", "-C", CLONE, input=checkout_tar())
-    box.run(
-        "bash", "-euo", "pipefail", "-c", f"cd {CLONE}\n" + readme_block("systemd"),
-        env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/wheels", "PIP_CONFIG_FILE": "/dev/null"},
-        timeout=240,
-    )  # fmt: skip
+    run_the_install_block(box)
     # The VMs' side: a bridge, and a user who may use /dev/kvm.
     box.run("ip", "link", "add", "br0", "type", "bridge")
     box.run("ip", "link", "set", "br0", "up")
@@ -231,14 +227,21 @@ def install(box: Machine) -> None:
 # -- helpers that speak for the admin and the VM user ------------------------
 
 
+def run_the_install_block(box: Machine) -> None:
+    """As an admin pastes it (each line must succeed), in the clone.  pip
+    reads the bound wheels; the block itself is the plain command."""
+    offline = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/wheels", "PIP_CONFIG_FILE": "/dev/null"}
+    script = f"cd {CLONE}\n" + readme_block("systemd")
+    box.run("bash", "-euo", "pipefail", "-c", script, env=offline, timeout=240)
+
+
 def tapctl(box: Machine, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return box.run("tapctl", *args, user=VM_USER, check=check)
 
 
 def tap_names(box: Machine) -> list[str]:
-    out = box.run("ip", "-d", "-j", "link", "show").stdout
-    return [link["ifname"] for link in json.loads(out) if link.get("linkinfo", {}).get(
-        "info_kind") == "tun"]  # fmt: skip
+    links = json.loads(box.run("ip", "-d", "-j", "link", "show").stdout)
+    return [link["ifname"] for link in links if link.get("linkinfo", {}).get("info_kind") == "tun"]
 
 
 def root_leases(box: Machine) -> list[dict[str, Any]]:
@@ -305,10 +308,9 @@ def test_a_kvm_user_s_first_connection_starts_tapd_and_every_verb_answers(box: M
     finally:
         box.run("systemctl", "stop", "vm-release", check=False)
     # helper: QEMU's protocol, the tap's fd sent back on the fd it names.
-    got = box.run(
-        "python3", "-c", HELPER_AS_QEMU, "/usr/local/bin/tapd-bridge-helper", user=VM_USER
-    )
-    assert got.stdout.strip() == "fd received", got.stderr
+    for helper in (["/usr/local/bin/tapd-bridge-helper"], ["/usr/local/bin/tapctl", "helper"]):
+        got = box.run("python3", "-c", HELPER_AS_QEMU, *helper, user=VM_USER)
+        assert got.stdout.strip() == "fd received", got.stderr
 
 
 #: what QEMU's net_bridge_run_helper does: a socketpair, the helper run with
@@ -316,11 +318,11 @@ def test_a_kvm_user_s_first_connection_starts_tapd_and_every_verb_answers(box: M
 HELPER_AS_QEMU = """
 import os, socket, subprocess, sys
 ours, theirs = socket.socketpair()
-subprocess.run([sys.argv[1], "--use-vnet", f"--fd={theirs.fileno()}", "--br=br0"],
+subprocess.run([*sys.argv[1:], "--use-vnet", f"--fd={theirs.fileno()}", "--br=br0"],
                pass_fds=[theirs.fileno()], check=True)
 msg, fds, _, _ = socket.recv_fds(ours, 1, 1)
-assert msg == b"\\0" or msg, msg
-os.fstat(fds[0])
+(fd,) = fds
+os.fstat(fd)
 print("fd received")
 """
 
@@ -495,12 +497,7 @@ def test_running_the_block_again_upgrades_and_keeps_the_admin_s_file(box: Machin
     try:
         box.run("systemctl", "restart", "tapd")
         pid = main_pid(box)
-        box.run(
-            "bash", "-euo", "pipefail", "-c", f"cd {CLONE}\n" + readme_block("systemd"),
-            env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/wheels",
-                 "PIP_CONFIG_FILE": "/dev/null"},
-            timeout=240,
-        )  # fmt: skip
+        run_the_install_block(box)
         assert box.run("cat", CONFIG).stdout == edited
         assert main_pid(box) not in (0, pid), "the upgrade restarts a running tapd"
         assert json.loads(tapctl(box, "request", "--json", "--br", "br0").stdout)["ok"] is True
