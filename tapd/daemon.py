@@ -73,7 +73,7 @@ async def run(
     notifier: Notifier | None = None,
 ) -> None:
     log = logging.get()
-    notifier = notifier or Notifier()
+    notifier = notifier if notifier is not None else Notifier()
     worker = KernelWorker()
     maker = KernelTaps(config.taps.tun_device)
     try:

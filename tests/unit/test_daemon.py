@@ -129,3 +129,34 @@ async def test_unconfigured_answers_config_invalid_until_a_reload_brings_a_good_
     sock.close()
     (config,) = got
     assert config is not None and config.server.request_timeout == 5.0
+
+
+class _Said(Notifier):
+    def __init__(self) -> None:
+        super().__init__({})
+        self.lines: list[str] = []
+
+    def notify(self, *lines: str) -> None:
+        self.lines += lines
+
+
+async def test_status_follows_the_lease_count(autojump_clock: trio.abc.Clock) -> None:
+    leases: list[str] = []
+    said = _Said()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(daemon._lease_status, said, leases)
+        # Half a period out of step with its wake-ups, so that no two coincide.
+        await trio.sleep(5.5 * daemon.STATUS_SECONDS)
+        assert said.lines == []  # nothing changed, nothing said
+        leases.append("a")
+        await trio.sleep(daemon.STATUS_SECONDS)
+        leases += ["b", "c"]
+        await trio.sleep(daemon.STATUS_SECONDS)
+        leases.clear()
+        await trio.sleep(daemon.STATUS_SECONDS)
+        nursery.cancel_scope.cancel()
+    assert said.lines == [
+        "STATUS=serving, 1 lease",
+        "STATUS=serving, 3 leases",
+        "STATUS=serving, 0 leases",
+    ]
