@@ -309,7 +309,7 @@ def test_a_kvm_user_s_first_connection_starts_tapd_and_every_verb_answers(box: M
         box.run("systemctl", "stop", "vm-release", check=False)
     # helper: QEMU's protocol, the tap's fd sent back on the fd it names.
     for helper in (["/usr/local/bin/tapd-bridge-helper"], ["/usr/local/bin/tapctl", "helper"]):
-        got = box.run("python3", "-c", HELPER_AS_QEMU, *helper, user=VM_USER)
+        got = box.run("/usr/bin/python3", "-c", HELPER_AS_QEMU, *helper, user=VM_USER)
         assert got.stdout.strip() == "fd received", got.stderr
 
 
