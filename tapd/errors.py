@@ -232,6 +232,13 @@ class Overloaded(SystemFault):
     code = "overloaded"
 
 
+class ConfigInvalid(SystemFault):
+    """tapd was started with a configuration it cannot use, and serves nothing
+    until the administrator fixes the file and reloads it."""
+
+    code = "config-invalid"
+
+
 class InternalError(SystemFault):
     code = "internal-error"
 

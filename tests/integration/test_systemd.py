@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -22,10 +23,17 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     for unit in ("tapd.service", "tapd.socket"):
         text = (UNITS / unit).read_text().replace("/usr/local/bin/tapd", str(tapd))
         (tmp_path / unit).write_text(text)
+    # verify runs man(1) for each Documentation= page: lay out the repository's
+    # pages as the install does, so that a page the units name must exist.
+    for page in (UNITS.parent / "man").iterdir():
+        section = tmp_path / "man" / f"man{page.suffix[1:]}"
+        section.mkdir(parents=True, exist_ok=True)
+        (section / page.name).write_bytes(page.read_bytes())
     result = subprocess.run(
         [analyze, "verify", str(tmp_path / "tapd.socket"), str(tmp_path / "tapd.service")],
         capture_output=True,
         text=True,
+        env={**os.environ, "MANPATH": str(tmp_path / "man")},
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", result.stderr
