@@ -25,7 +25,7 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
         (tmp_path / unit).write_text(text)
     # verify runs man(1) for each Documentation= page: lay out the repository's
     # pages as the install does, so that a page the units name must exist.
-    for page in (UNITS.parent / "man").iterdir():
+    for page in (UNITS / "man").iterdir():
         section = tmp_path / "man" / f"man{page.suffix[1:]}"
         section.mkdir(parents=True, exist_ok=True)
         (section / page.name).write_bytes(page.read_bytes())
