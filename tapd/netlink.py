@@ -7,7 +7,7 @@ is synchronous.  Its pyroute2 side (lookups, dumps, removals) runs only on the
 message (:meth:`Netlink.join_bridge`) and the checks of a cached bridge are a
 few syscalls on a socket of each calling thread's own, cheap enough for the
 trio loop to make itself.  :func:`link_events` listens for link changes on the
-trio loop.
+trio loop: a link removed, a tap's last queue closed, events lost.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import enum
 import errno
 import os
 import socket
 import struct
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +41,41 @@ class Bridge:
     mtu: int
 
 
+@dataclass(frozen=True)
+class TunInfo:
+    """A tun device's state as rtnetlink reports it in IFLA_LINKINFO /
+    IFLA_INFO_DATA (drivers/net/tun.c: tun_fill_info)."""
+
+    owner: int | None  # TUNSETOWNER uid, None if unset
+    group: int | None  # TUNSETGROUP gid, None if unset
+    persist: bool  # TUNSETPERSIST: outlives its last queue
+    multi_queue: bool
+    #: queues attached now.  tun_fill_info reports the count for multi-queue
+    #: devices only; a single-queue device's one queue is attached exactly
+    #: while its carrier is on (tun_attach() turns it on, __tun_detach()
+    #: turns it off as the last queue closes), so IFLA_CARRIER says 1 or 0.
+    queues: int
+    #: queues detached with TUNSETQUEUE/IFF_DETACH_QUEUE but still open
+    disabled: int
+
+    @property
+    def held(self) -> bool:
+        """Some process holds a queue of it (attached or disabled)."""
+        return self.queues + self.disabled > 0
+
+
+@dataclass(frozen=True)
+class TunLink:
+    """What tapd needs to attach a queue of its own to an existing tap."""
+
+    name: str
+    info: TunInfo
+    #: TUNSETIFF flags matching the device's own: tun_set_iff() copies the
+    #: attaching file's IFF_NO_PI / IFF_VNET_HDR onto the device, so any
+    #: other flags would change them under the VM
+    flags: int
+
+
 def _oserror(exc: NetlinkError) -> OSError:
     return OSError(exc.code, str(exc))
 
@@ -51,6 +88,8 @@ RTM_DELLINK = 17
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
 IFF_UP = 0x1  # <linux/if.h>
+IFF_LOWER_UP = 0x10000  # <linux/if.h>: the carrier is on (reported for running devices)
+AF_UNSPEC = 0
 
 # <linux/if_link.h>
 IFLA_ADDRESS = 1
@@ -62,7 +101,6 @@ _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _NLATTR = struct.Struct("=HH")  # len, type
 _U32 = struct.Struct("=I")
-_IFINDEX = struct.Struct("=i")  # ifinfomsg.ifi_index, 4 bytes into the ifinfomsg
 _NLMSGERR = struct.Struct("=i")  # nlmsgerr.error, right after the nlmsghdr
 
 
@@ -254,6 +292,66 @@ class Netlink:
         owner = data.get("IFLA_TUN_OWNER") if data else None
         return None if owner is None else int(owner)
 
+    def _tun_link(self, index: int) -> TunLink | None:
+        try:
+            (msg,) = self._ip.link("get", index=index)
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return None
+            raise kernel_error(_oserror(exc), f"looking up interface {index}") from None
+        if msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") != "tun":
+            return None
+        data = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
+
+        def attr(name: str) -> int | None:
+            value = data.get(name) if data else None
+            return None if value is None else int(value)
+
+        multi_queue = bool(attr("IFLA_TUN_MULTI_QUEUE"))
+        if multi_queue:
+            queues = attr("IFLA_TUN_NUM_QUEUES") or 0
+            disabled = attr("IFLA_TUN_NUM_DISABLED_QUEUES") or 0
+        else:
+            queues, disabled = int(bool(msg.get("IFLA_CARRIER"))), 0
+        info = TunInfo(
+            owner=attr("IFLA_TUN_OWNER"),
+            group=attr("IFLA_TUN_GROUP"),
+            persist=bool(attr("IFLA_TUN_PERSIST")),
+            multi_queue=multi_queue,
+            queues=queues,
+            disabled=disabled,
+        )
+        flags = attr("IFLA_TUN_TYPE") or tun.IFF_TAP
+        if not attr("IFLA_TUN_PI"):
+            flags |= tun.IFF_NO_PI
+        if attr("IFLA_TUN_VNET_HDR"):
+            flags |= tun.IFF_VNET_HDR
+        if multi_queue:
+            flags |= tun.IFF_MULTI_QUEUE
+        return TunLink(name=str(msg.get("IFLA_IFNAME")), info=info, flags=flags)
+
+    def tun_info(self, index: int) -> TunInfo | None:
+        """The state of tun device ``index``, or None if there is no such
+        interface (or it is not a tun device)."""
+        link = self._tun_link(index)
+        return None if link is None else link.info
+
+    def tun_link(self, index: int) -> TunLink | None:
+        """:meth:`tun_info` with the name and flags to attach a queue by."""
+        return self._tun_link(index)
+
+    def give_back(self, index: int) -> bool:
+        """Detach an interface from its bridge and remove its lease tag, in
+        one RTM_NEWLINK (IFLA_MASTER 0 is "no master": do_set_master()).
+        False if it was already gone."""
+        body = _IFINFOMSG.pack(0, 0, index, 0, 0) + _nla(IFLA_MASTER, _U32.pack(0))
+        err = self._request(RTM_NEWLINK, body + _nla(IFLA_IFALIAS, b""))
+        if err == errno.ENODEV:
+            return False
+        if err:
+            raise kernel_error(OSError(err, os.strerror(err)), f"giving back interface {index}")
+        return True
+
     def tagged_taps(self) -> list[tuple[int, str, str]]:
         """(index, name, alias) of every tun/tap device that has an alias."""
         found = []
@@ -284,18 +382,52 @@ _BPF_LD_H_ABS, _BPF_JEQ_K, _BPF_RET_K = 0x28, 0x15, 0x06
 SO_ATTACH_FILTER = 26
 
 
-def _only_dellink(sock: socket.socket) -> None:
-    """Let only RTM_DELLINK reach ``sock``.  Making one tap raises several
-    RTM_NEWLINK events; filtered out in the kernel, they never wake tapd."""
+_BPF_LD_B_ABS, _BPF_JSET_K = 0x30, 0x45
+
+
+def _flag_byte(bit: int) -> tuple[int, int]:
+    """(offset in the message, mask) of ifinfomsg.ifi_flags' byte holding
+    ``bit``: ifi_flags is host order, and BPF loads bytes as they lie."""
+    position = bit.bit_length() - 1
+    byte = position // 8 if sys.byteorder == "little" else 3 - position // 8
+    return _NLMSGHDR.size + 8 + byte, 1 << (position % 8)
+
+
+def _only_link_ends(sock: socket.socket) -> None:
+    """Let only RTM_DELLINK, and RTM_NEWLINK of an up link without carrier,
+    reach ``sock``.
+
+    Making one tap raises several RTM_NEWLINK events (all while it is down,
+    or up with its carrier on); filtered out in the kernel, they never wake
+    tapd.  A persistent tap whose last queue closes loses its carrier
+    (__tun_detach() calls netif_carrier_off()), and linkwatch announces that
+    as an RTM_NEWLINK while the link is up: that one passes.
+
+    Only the link's own messages (AF_UNSPEC): a bridge announces its ports
+    in AF_BRIDGE messages, and a port leaving the bridge (or the bridge
+    going) is an AF_BRIDGE RTM_DELLINK for the port (br_ifinfo_notify() in
+    del_nbp()), while the tap itself lives on.
+    """
     # A BPF half-word load is big-endian; nlmsg_type is in host order.
     dellink = int.from_bytes(struct.pack("=H", RTM_DELLINK), "big")
+    newlink = int.from_bytes(struct.pack("=H", RTM_NEWLINK), "big")
+    up_at, up_mask = _flag_byte(IFF_UP)
+    lower_at, lower_mask = _flag_byte(IFF_LOWER_UP)
+    keep, drop = 9, 10
     program = b"".join(
         _BPF_INSN.pack(*insn)
         for insn in (
-            (_BPF_LD_H_ABS, 0, 0, 4),  # A = nlmsghdr.nlmsg_type
-            (_BPF_JEQ_K, 0, 1, dellink),
-            (_BPF_RET_K, 0, 0, 0xFFFF_FFFF),  # keep the whole message
-            (_BPF_RET_K, 0, 0, 0),  # drop it
+            (_BPF_LD_B_ABS, 0, 0, _NLMSGHDR.size),  # 0: A = ifinfomsg.ifi_family
+            (_BPF_JEQ_K, 0, drop - 2, AF_UNSPEC),  # 1
+            (_BPF_LD_H_ABS, 0, 0, 4),  # 2: A = nlmsghdr.nlmsg_type
+            (_BPF_JEQ_K, keep - 4, 0, dellink),  # 3
+            (_BPF_JEQ_K, 0, drop - 5, newlink),  # 4
+            (_BPF_LD_B_ABS, 0, 0, up_at),  # 5
+            (_BPF_JSET_K, 0, drop - 7, up_mask),  # 6: up
+            (_BPF_LD_B_ABS, 0, 0, lower_at),  # 7
+            (_BPF_JSET_K, drop - 9, keep - 9, lower_mask),  # 8: no carrier
+            (_BPF_RET_K, 0, 0, 0xFFFF_FFFF),  # keep: the whole message
+            (_BPF_RET_K, 0, 0, 0),  # drop
         )
     )
     buf = ctypes.create_string_buffer(program)
@@ -303,22 +435,38 @@ def _only_dellink(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
+class LinkEvent(enum.Enum):
+    #: RTM_DELLINK: the interface is gone
+    REMOVED = "removed"
+    #: an up link lost its carrier: for a tun device, its last queue closed
+    #: (a persistent one stays; any other is removed right after)
+    IDLE = "idle"
+    #: the kernel dropped events (ENOBUFS): the listener must look again
+    OVERRUN = "overrun"
+
+
+#: an up link without carrier: what the filter passes besides RTM_DELLINK
+_IDLE_MASK = IFF_UP | IFF_LOWER_UP
+
+LinkCallback = Callable[[LinkEvent, int], None]
+
+
 async def link_events(
-    on_event: Callable[[int | None], None],
+    on_event: LinkCallback,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Report removed links as rtnetlink announces them: ``on_event(index)``,
-    or ``on_event(None)`` when the kernel dropped events (ENOBUFS) and the
-    listener must resynchronise.
+    """Report link changes as rtnetlink announces them: ``on_event(kind,
+    index)`` (index 0 with :attr:`LinkEvent.OVERRUN`).
 
     Runs on the trio loop: the socket is non-blocking, a kernel-side filter
-    passes RTM_DELLINK only, and only the fixed headers are read.
+    passes only what :func:`_only_link_ends` lets through, and only the fixed
+    headers are read.
     """
     raw = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
     with contextlib.suppress(OSError):  # SO_RCVBUFFORCE needs CAP_NET_ADMIN
         raw.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
-    _only_dellink(raw)
+    _only_link_ends(raw)
     raw.bind((0, RTMGRP_LINK))
     sock = trio.socket.from_stdlib_socket(raw)
     with sock:
@@ -333,22 +481,26 @@ async def link_events(
                 # congestion mark when the queue runs empty: drain it first, so
                 # that what the resync's dump misses still arrives as events.
                 _drain(raw, on_event)
-                on_event(None)
+                on_event(LinkEvent.OVERRUN, 0)
                 continue
             _report(data, on_event)
 
 
-def _report(data: bytes, on_event: Callable[[int | None], None]) -> None:
+def _report(data: bytes, on_event: LinkCallback) -> None:
     offset = 0
-    while offset + _NLMSGHDR.size + 8 <= len(data):
+    while offset + _NLMSGHDR.size + _IFINFOMSG.size <= len(data):
         length, kind, _, _, _ = _NLMSGHDR.unpack_from(data, offset)
-        if kind == RTM_DELLINK:
-            (index,) = _IFINDEX.unpack_from(data, offset + _NLMSGHDR.size + 4)
-            on_event(index)
+        family, _, index, flags, _ = _IFINFOMSG.unpack_from(data, offset + _NLMSGHDR.size)
+        if family != AF_UNSPEC:
+            pass  # a bridge's message about its port (the filter drops these)
+        elif kind == RTM_DELLINK:
+            on_event(LinkEvent.REMOVED, index)
+        elif kind == RTM_NEWLINK and flags & _IDLE_MASK == IFF_UP:
+            on_event(LinkEvent.IDLE, index)
         offset += (max(length, _NLMSGHDR.size) + 3) & ~3
 
 
-def _drain(raw: socket.socket, on_event: Callable[[int | None], None]) -> None:
+def _drain(raw: socket.socket, on_event: LinkCallback) -> None:
     """Read every queued event without waiting (each is still reported); the
     socket is non-blocking, as trio set it."""
     while True:
