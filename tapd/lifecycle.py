@@ -83,6 +83,7 @@ class Lifecycle:
 
     def _link_event(self, kind: LinkEvent, index: int) -> None:
         if kind is LinkEvent.OVERRUN:
+            self.log.warning("link.events.overrun")
             self._resync_wanted = True
             self._spawn(self._resync_while_wanted)
             return
@@ -115,15 +116,19 @@ class Lifecycle:
             except Exception:
                 self.log.exception("lease.resync.failed")
                 return
+            ended = settled = 0
             for lease in known:
                 if self.registry.get(lease.ifindex) is not lease:
                     continue
                 if lease.ifindex not in present:
                     self.registry.pop(lease.ifindex)
                     self._ended(lease, "tap-removed")
+                    ended += 1
                 elif lease.ifindex in self._orphans:
                     self._stuck.discard(lease.ifindex)
                     await self._settle(lease)
+                    settled += 1
+            self.log.info("lease.resync.complete", known=len(known), ended=ended, settled=settled)
 
     def _ended(self, lease: Lease, reason: str) -> None:
         scope = self._watches.pop(lease.ifindex, None)

@@ -36,7 +36,7 @@ from typing import Any
 from tapd import client, tun
 
 
-def _child(path: str, kind: str, out: int) -> None:
+def _child(path: str, position: int, kind: str, out: int) -> None:
     try:
         options = json.loads(os.environ.get("FLEET_OPTIONS", "{}"))
         grant = client.request_tap(path=path, br="br0", **options)
@@ -59,7 +59,13 @@ def _child(path: str, kind: str, out: int) -> None:
         os.close(ready_w)
         os.read(ready_r, 1)  # the holder is ready when it closes its end
         os.close(ready_r)
-    line = {"kind": kind, "pid": os.getpid(), "holder": holder, "ifname": grant.ifname}
+    line = {
+        "position": position,
+        "kind": kind,
+        "pid": os.getpid(),
+        "holder": holder,
+        "ifname": grant.ifname,
+    }
     line["lease"] = grant.reply["lease"]
     os.write(out, (json.dumps(line) + "\n").encode())
     signal.pause()
@@ -73,9 +79,9 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     os.setpgid(0, 0)
     out = sys.stdout.fileno()
-    for kind in kinds:
+    for position, kind in enumerate(kinds):
         if os.fork() == 0:
-            _child(path, kind, out)
+            _child(path, position, kind, out)
     # One child at a time would be slower than tapd; all at once is a burst.
     print("forked", flush=True)
     sys.stdin.read()
@@ -114,7 +120,7 @@ class Fleet:
             lines.append(json.loads(line))
             assert "error" not in lines[-1], lines[-1]
         # In the order of ``kinds`` (the children answer in any order).
-        lines.sort(key=lambda x: kinds.index(x["kind"]))
+        lines.sort(key=lambda x: int(x.pop("position")))
         self.holders = [Holder(**x) for x in lines]
 
     def close(self) -> None:

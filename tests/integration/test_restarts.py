@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -89,3 +90,52 @@ def test_a_tap_whose_bridge_goes_keeps_its_lease(daemon: Daemon) -> None:
     finally:
         grant.close()
     wait_until(lambda: daemon.leases() == [], what="the lease to end with its tap")
+
+
+def test_link_events_lost_in_an_overrun_end_no_lease_wrongly_and_miss_none(
+    daemon: Daemon,
+) -> None:
+    """The kernel drops events when tapd's socket is full (ENOBUFS): tapd
+    then looks at the kernel again, and ends up where the events would have
+    taken it."""
+    ns = daemon.ns
+    ip("-n", ns, "link", "add", "va", "type", "veth", "peer", "name", "vb")
+    with Fleet(daemon.socket_path, ["hold", "handoff", "handoff-persist", "hold"]) as fleet:
+        plain, handoff, persisted, stays = fleet.holders
+        kill(handoff.pid)
+        kill(persisted.pid)
+        wait_until(
+            lambda: all(_logged_for(daemon, "lease.kept", h.lease) for h in (handoff, persisted)),
+            what="tapd to keep the held orphans",
+        )
+        daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            # Each "up" of a veth whose peer is down is an up link without
+            # carrier, which tapd's filter passes: enough to fill its socket.
+            flood = "link set va up\nlink set va down\n" * 10_000
+            subprocess.run(["ip", "-n", ns, "-batch", "-"], input=flood, text=True, check=True)
+            # Now their events are lost: a plain tap's end, an orphan's end
+            # (non-persistent: RTM_DELLINK) and an orphan's last queue (persistent:
+            # only its carrier says so).
+            for pid in (plain.pid, handoff.holder, persisted.holder):
+                kill(pid)
+            wait_until(
+                lambda: not {plain.ifname, handoff.ifname} & set(taps(ns)),
+                what="the kernel to remove the non-persistent taps",
+            )
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: _logged(daemon, "link.events.overrun"), what="the overrun")
+        wait_until(
+            lambda: [x["id"] for x in daemon.leases()] == [stays.lease],
+            what="only the live holder's lease",
+        )
+        wait_until(lambda: taps(ns) == [stays.ifname], what="only the live holder's tap")
+
+
+def _logged_for(daemon: Daemon, event: str, lease: str) -> bool:
+    lines = daemon.log_path.read_text().split("\n")[:-1]
+    return any(
+        e["event"] == event and e.get("lease") == lease
+        for e in map(json.loads, filter(None, lines))
+    )
