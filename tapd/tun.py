@@ -175,7 +175,7 @@ class Unpersist(enum.Enum):
     #: persistence cleared: the kernel removes the tap as its last queue
     #: closes, now if tapd's was the last
     CLEARED = "cleared"
-    #: a single-queue tap whose queue a process holds: nothing changed
+    #: a process holds the tap and tapd could not attach: nothing changed
     HELD = "held"
     #: no such tap any more (or its name now means another device)
     GONE = "gone"
@@ -199,7 +199,10 @@ def unpersist(name: str, flags: int, index: int, path: str = TUN_PATH) -> Unpers
         try:
             _setiff(fd, name, flags)
         except OSError as exc:
-            if exc.errno == errno.EBUSY:
+            # EBUSY: a single-queue tap's queue is attached; E2BIG: a
+            # multi-queue tap has all the queues it may (tun_attach()), every
+            # one of them open somewhere.
+            if exc.errno in (errno.EBUSY, errno.E2BIG):
                 return Unpersist.HELD
             raise kernel_error(exc, f"attaching to tap {name!r}") from None
         try:
