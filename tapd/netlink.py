@@ -292,7 +292,9 @@ class Netlink:
         owner = data.get("IFLA_TUN_OWNER") if data else None
         return None if owner is None else int(owner)
 
-    def _tun_link(self, index: int) -> TunLink | None:
+    def tun_link(self, index: int) -> TunLink | None:
+        """Tun device ``index``: its state, name and the flags to attach a
+        queue by; None if there is no such interface or it is no tun device."""
         try:
             (msg,) = self._ip.link("get", index=index)
         except NetlinkError as exc:
@@ -333,12 +335,8 @@ class Netlink:
     def tun_info(self, index: int) -> TunInfo | None:
         """The state of tun device ``index``, or None if there is no such
         interface (or it is not a tun device)."""
-        link = self._tun_link(index)
+        link = self.tun_link(index)
         return None if link is None else link.info
-
-    def tun_link(self, index: int) -> TunLink | None:
-        """:meth:`tun_info` with the name and flags to attach a queue by."""
-        return self._tun_link(index)
 
     def give_back(self, index: int) -> bool:
         """Detach an interface from its bridge and remove its lease tag, in
