@@ -112,13 +112,17 @@ class Fleet:
         assert self.proc.stdout is not None
         self.holders: list[Holder] = []
         lines: list[dict[str, Any]] = []
-        while len(lines) < len(kinds):
-            line = self.proc.stdout.readline()
-            assert line, "the fleet died"
-            if line.strip() == "forked":
-                continue
-            lines.append(json.loads(line))
-            assert "error" not in lines[-1], lines[-1]
+        try:
+            while len(lines) < len(kinds):
+                line = self.proc.stdout.readline()
+                assert line, "the fleet died"
+                if line.strip() == "forked":
+                    continue
+                lines.append(json.loads(line))
+                assert "error" not in lines[-1], lines[-1]
+        except BaseException:
+            self.close()
+            raise
         # In the order of ``kinds`` (the children answer in any order).
         lines.sort(key=lambda x: int(x.pop("position")))
         self.holders = [Holder(**x) for x in lines]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from livelog import events
 from tapdtest import daemon_argv, links, wait_until
 
 from tapd import client
@@ -72,8 +73,7 @@ class Tapd:
         self.proc.wait()
 
     def log(self) -> list[dict[str, Any]]:
-        text = (self.workdir / f"tapd.{self.runs}.log").read_text()
-        return [json.loads(line) for line in text.split("\n")[:-1] if line]
+        return events(self.workdir / f"tapd.{self.runs}.log")
 
     def ready(self) -> bool:
         return any(e["event"] == "server.listening" for e in self.log())

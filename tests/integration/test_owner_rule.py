@@ -4,20 +4,19 @@ made is given back instead).  While tapd runs and across its restarts."""
 
 from __future__ import annotations
 
-import json
 import signal
 from pathlib import Path
 
 import pytest
 from fleet import Fleet, kill
+from livelog import events
 from tapdtest import Daemon, links, run_daemon, taps, wait_until
 
 pytestmark = pytest.mark.root
 
 
 def _events(daemon: Daemon, lease: str) -> list[str]:
-    lines = daemon.log_path.read_text().split("\n")[:-1]
-    return [e["event"] for e in map(json.loads, filter(None, lines)) if e.get("lease") == lease]
+    return [e["event"] for e in events(daemon.log_path) if e.get("lease") == lease]
 
 
 def _tun(ns: str, ifname: str) -> dict[str, object]:

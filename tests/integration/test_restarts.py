@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from fleet import Fleet, kill
+from livelog import events
 from tapdtest import Daemon, ip, run_daemon, taps, wait_until
 
 pytestmark = pytest.mark.root
@@ -19,8 +20,7 @@ pytestmark = pytest.mark.root
 def _logged(daemon: Daemon, event: str) -> bool:
     """Whether tapd logged ``event`` (read while it writes: a last line
     may be half there)."""
-    lines = daemon.log_path.read_text().split("\n")[:-1]
-    return any(json.loads(line)["event"] == event for line in lines if line)
+    return any(e["event"] == event for e in events(daemon.log_path))
 
 
 def test_taps_removed_while_a_restarted_tapd_rebuilds_its_leases_leave_no_lease(
