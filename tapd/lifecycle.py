@@ -1,15 +1,41 @@
 """Leases from grant to the tap's end: netlink events, owner processes, restarts.
 
 A lease ends when its tap goes away, which tapd learns from RTM_DELLINK, never
-by polling.  A VM may make its tap persistent (TUNSETPERSIST needs no privilege
-on an fd it holds), so tapd also watches each lease's owner process through a
-pidfd and removes the tap once the owner is gone.  At start, :meth:`reconcile`
-rebuilds the leases from the tags on the interfaces themselves.
+by polling.  At start, :meth:`Lifecycle.reconcile` rebuilds the leases from
+the tags on the interfaces themselves.
+
+The owner rule.  A VM may make its tap persistent (TUNSETPERSIST needs no
+privilege on an fd it holds), so a tap could outlive every process that used
+it; tapd watches each lease's owner through a pidfd to prevent that.  But the
+owner is not always the tap's only user: libvirt runs the bridge helper and
+passes the fd on to QEMU, so the owner is libvirt's daemon, which exits and
+restarts under running VMs.  Removing the tap when the owner exits would cut
+a running VM off.  So the rule is: **a tap lives while its owner lives or
+while any process holds one of its queues; once neither is true it goes.**
+
+tapd cannot see who holds an fd (under its hardened unit it may not read
+other users' /proc/PID/fd), and it need not: the kernel knows.  When the
+owner is gone, tapd clears the tap's persistence by attaching a queue of its
+own (CAP_NET_ADMIN may, drivers/net/tun.c: tun_not_capable()) and closing it
+(:func:`tapd.tun.unpersist`).  A non-persistent tap is unregistered by the
+kernel as its last queue closes, so from then on it lives exactly as long as
+someone holds it; a single-queue tap still held refuses the attach (EBUSY),
+which says the same.  A holder can make the tap persistent again; when a
+persistent tap's last queue closes it loses its carrier (__tun_detach()),
+netlink announces that (:attr:`~tapd.netlink.LinkEvent.IDLE`), and tapd
+clears its persistence again, which now removes it.  A tap the client made
+(``fd=``/``fds=``) is never removed: once its owner is gone and no queue is
+held, it is given back, off the bridge and untagged.
+
+Races with the kernel.  Events can only be acted on for leases tapd knows,
+and the kernel may drop events (ENOBUFS).  So whenever tapd may have missed
+something - after rebuilding its leases at start, after an overrun - it
+looks at the kernel again (:meth:`Lifecycle._resync`), and judges only the
+leases it knew before it looked.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections import Counter
 from typing import Any
@@ -17,12 +43,12 @@ from typing import Any
 import trio
 
 from . import log as logging
-from . import nft, owner, programs
+from . import nft, owner, programs, tun
 from .config import Config
 from .errors import Denied
 from .fence import Fence
 from .leases import Lease, Registry, parse_tag
-from .netlink import Netlink, link_events
+from .netlink import LinkEvent, Netlink, link_events
 from .worker import KernelWorker
 
 
@@ -34,42 +60,86 @@ class Lifecycle:
         self.registry = Registry()
         self.log = logging.get()
         self._watches: dict[int, trio.CancelScope] = {}
+        #: leases (by ifindex) whose owner is gone: their taps live while held
+        self._orphans: set[int] = set()
+        #: orphans being settled now, and those whose settling must run again
+        self._settling: set[int] = set()
+        self._settle_again: set[int] = set()
+        #: orphans whose settling failed: not retried on every event (tapd's
+        #: own queue closing would announce one), only by a resync
+        self._stuck: set[int] = set()
+        self._resync_lock = trio.Lock()
+        self._resync_wanted = False
         self._nursery: trio.Nursery | None = None
-        #: what reconcile() found, for the metrics: restored, removed, forgotten
+        #: what reconcile() found, for the metrics: restored, orphaned
         self.reconciled: Counter[str] = Counter()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            # Listening before reconciling: no removal between the two is missed.
-            await nursery.start(link_events, self._link_gone)
+            # Listening before reconciling: whatever happens after the dump
+            # either arrives as an event or shows in the look that follows.
+            await nursery.start(link_events, self._link_event)
             await self.reconcile()
             task_status.started()
 
     # -- events ----------------------------------------------------------------
 
-    def _link_gone(self, index: int | None) -> None:
-        if index is None:
-            self._spawn(self._resync)
+    def _link_event(self, kind: LinkEvent, index: int) -> None:
+        if kind is LinkEvent.OVERRUN:
+            self.log.warning("link.events.overrun")
+            self._resync_wanted = True
+            self._spawn(self._resync_while_wanted)
             return
-        lease = self.registry.pop(index)
-        if lease is not None:
-            self._ended(lease, "tap-removed")
+        if kind is LinkEvent.REMOVED:
+            lease = self.registry.pop(index)
+            if lease is not None:
+                self._ended(lease, "tap-removed")
+            return
+        # IDLE: a tap's last queue closed.  Only an orphan's matters (an
+        # owner that lives keeps its tap, persistent or not).
+        lease = self.registry.get(index)
+        if lease is not None and index in self._orphans and index not in self._stuck:
+            self._spawn(self._settle, lease)
+
+    async def _resync_while_wanted(self) -> None:
+        """Look again after an overrun; overruns during a look ask for
+        another (one look at a time, each judging what it knew before)."""
+        while self._resync_wanted:
+            self._resync_wanted = False
+            await self._resync()
 
     async def _resync(self) -> None:
-        try:
-            present = await self.worker.run(self.netlink.present)
-        except Exception:
-            self.log.exception("lease.resync.failed")
-            return
-        for lease in self.registry.visible_to(0):
-            if lease.ifindex not in present and self.registry.pop(lease.ifindex):
-                self._ended(lease, "tap-removed")
+        """End the leases whose tap is gone, and settle every orphan, by a
+        fresh look at the kernel.  Only leases known before the dump began
+        are judged: a tap made since may be missing from it."""
+        async with self._resync_lock:
+            known = self.registry.visible_to(0)
+            try:
+                present = await self.worker.run(self.netlink.present)
+            except Exception:
+                self.log.exception("lease.resync.failed")
+                return
+            ended = settled = 0
+            for lease in known:
+                if self.registry.get(lease.ifindex) is not lease:
+                    continue
+                if lease.ifindex not in present:
+                    self.registry.pop(lease.ifindex)
+                    self._ended(lease, "tap-removed")
+                    ended += 1
+                elif lease.ifindex in self._orphans:
+                    self._stuck.discard(lease.ifindex)
+                    await self._settle(lease)
+                    settled += 1
+            self.log.info("lease.resync.complete", known=len(known), ended=ended, settled=settled)
 
     def _ended(self, lease: Lease, reason: str) -> None:
         scope = self._watches.pop(lease.ifindex, None)
         if scope is not None:
             scope.cancel()
+        self._orphans.discard(lease.ifindex)
+        self._stuck.discard(lease.ifindex)
         self.log.info(
             "lease.ended", lease=lease.id, ifname=lease.ifname, uid=lease.uid, reason=reason
         )
@@ -118,68 +188,118 @@ class Lifecycle:
 
     async def undo(self, lease: Lease) -> None:
         """A grant was never delivered: forget its lease and remove the tap
-        tapd made for it.  Closing tapd's own fds is not enough: a client
-        that received part of a split reply holds queues, and could make them
-        persistent."""
+        tapd made for it (give back one the client made).  Closing tapd's
+        own fds is not enough: a client that received part of a split reply
+        holds queues, and could make them persistent."""
         if self.registry.get(lease.ifindex) is not lease:
             return
         self.registry.pop(lease.ifindex)
         scope = self._watches.pop(lease.ifindex, None)
         if scope is not None:
             scope.cancel()
-        if not lease.adopted:
-            try:
+        self._orphans.discard(lease.ifindex)
+        try:
+            if lease.adopted:
+                await self.worker.run(self.netlink.give_back, lease.ifindex)
+            else:
                 await self.worker.run(self.netlink.delete, lease.ifindex)
-            except Exception:
-                self.log.exception("lease.remove.failed", lease=lease.id)
+        except Exception:
+            self.log.exception("lease.remove.failed", lease=lease.id)
 
     async def _watch(self, lease: Lease, pidfd: int, scope: trio.CancelScope) -> None:
         try:
             with scope:
                 await trio.lowlevel.wait_readable(pidfd)
-                if self.registry.get(lease.ifindex) is not lease:
-                    return
-                self.log.info(
-                    "lease.owner.exited", lease=lease.id, ifname=lease.ifname, pid=lease.pid
-                )
-                if lease.adopted:
-                    # The client made this tap: tapd forgets its lease, and
-                    # leaves the tap to the fds that keep it - untagged, so
-                    # that a restarted tapd does not take it for a lease.
-                    self.registry.pop(lease.ifindex)
-                    self._ended(lease, "owner-exited")
-                    await self._untag(lease)
-                    return
-                # Usually the owner's exit closed the fds and the tap is already
-                # going; a persistent tap is removed here.  Either way the
-                # RTM_DELLINK that follows ends the lease - unless the event
-                # was lost and the tap is already gone: then end it here.
-                try:
-                    removed = await self.worker.run(self.netlink.delete, lease.ifindex)
-                except Exception:
-                    self.log.exception("lease.remove.failed", lease=lease.id)
-                    return
-                if not removed and self.registry.get(lease.ifindex) is lease:
-                    self.registry.pop(lease.ifindex)
-                    self._ended(lease, "tap-removed")
         finally:
             trio.lowlevel.notify_closing(pidfd)
             os.close(pidfd)
+        if scope.cancel_called or self.registry.get(lease.ifindex) is not lease:
+            return
+        self._watches.pop(lease.ifindex, None)
+        self.log.info("lease.owner.exited", lease=lease.id, ifname=lease.ifname, pid=lease.pid)
+        self._orphans.add(lease.ifindex)
+        await self._settle(lease)
 
-    async def _untag(self, lease: Lease) -> None:
+    # -- the owner rule ---------------------------------------------------------
+
+    async def _settle(self, lease: Lease) -> None:
+        """Apply the owner rule to an orphan (see the module's docstring).
+        One settling per lease at a time; an event during it runs it again."""
+        index = lease.ifindex
+        if index in self._settling:
+            self._settle_again.add(index)
+            return
+        self._settling.add(index)
         try:
-            if lease.fence:
-                # The client's own tap goes back to it as the kernel makes ports.
-                fence = Fence.from_tag(lease.fence)
-                mac = lease.guest_mac if fence.mac_filtering else None
-                await self.worker.run(
-                    self.netlink.clear_port, lease.ifindex, fence.port_flags(), mac
-                )
-                if fence.shaped:
-                    await self.worker.run(self.netlink.unshape, lease.ifindex, True)
-            await self.worker.run(self.netlink.clear_tag, lease.ifindex)
-        except Exception:
-            self.log.exception("lease.untag.failed", lease=lease.id)
+            while self.registry.get(index) is lease and index in self._orphans:
+                self._settle_again.discard(index)
+                try:
+                    await self._settle_once(lease)
+                except Exception:
+                    self._stuck.add(index)
+                    self.log.exception("lease.settle.failed", lease=lease.id, ifname=lease.ifname)
+                    return
+                if index not in self._settle_again:
+                    return
+        finally:
+            self._settling.discard(index)
+            self._settle_again.discard(index)
+
+    async def _settle_once(self, lease: Lease) -> None:
+        if lease.adopted:
+            info = await self.worker.run(self.netlink.tun_info, lease.ifindex)
+            if info is None:
+                self._vanished(lease)
+            elif not info.held:
+                await self._give_back(lease, "owner-exited")
+            else:
+                self.log.info("lease.kept", lease=lease.id, ifname=lease.ifname, reason="in-use")
+            return
+        outcome = await self.worker.run(self._unpersist, lease.ifindex)
+        if outcome is tun.Unpersist.GONE:
+            self._vanished(lease)
+        elif self.registry.get(lease.ifindex) is not lease:
+            return  # its RTM_DELLINK came meanwhile
+        elif outcome is tun.Unpersist.CLEARED:
+            # Removed now if tapd's queue was the last (RTM_DELLINK ends the
+            # lease), else when the last holder closes its queue.
+            self.log.info("lease.unpersisted", lease=lease.id, ifname=lease.ifname)
+        else:
+            # HELD, or not persistent and still there: in use; it goes (and
+            # its lease ends) as its last queue closes.
+            self.log.info("lease.kept", lease=lease.id, ifname=lease.ifname, reason="in-use")
+
+    def _unpersist(self, index: int) -> tun.Unpersist | None:
+        """(Kernel thread.)  Clear an orphan tap's persistence; None when it
+        is not persistent (it goes with its last queue: nothing to do)."""
+        link = self.netlink.tun_link(index)
+        if link is None:
+            return tun.Unpersist.GONE
+        if not link.info.persist:
+            return None
+        return tun.unpersist(link.name, link.flags, index, self.config.taps.tun_device)
+
+    def _vanished(self, lease: Lease) -> None:
+        """The tap is gone and its RTM_DELLINK not handled yet (or lost)."""
+        if self.registry.get(lease.ifindex) is lease:
+            self.registry.pop(lease.ifindex)
+            self._ended(lease, "tap-removed")
+
+    async def _give_back(self, lease: Lease, reason: str) -> None:
+        """A tap the client made: off the bridge and untagged, then the lease
+        ends (in that order: a tapd killed in between finds the tag again).
+        Its port flags and FDB entry go with the port; its qdiscs stay with
+        the tap unless taken off here (its ifb and address filter go as the
+        lease ends)."""
+        if Fence.from_tag(lease.fence).shaped:
+            try:
+                await self.worker.run(self.netlink.unshape, lease.ifindex, True)
+            except Exception:
+                self.log.exception("lease.unshape.failed", lease=lease.id)
+        present = await self.worker.run(self.netlink.give_back, lease.ifindex)
+        if self.registry.get(lease.ifindex) is lease:
+            self.registry.pop(lease.ifindex)
+            self._ended(lease, reason if present else "tap-removed")
 
     async def _unshape(self, lease: Lease, tap_too: bool = False) -> None:
         try:
@@ -225,7 +345,11 @@ class Lifecycle:
             self.log.info("lease.fence.restored", lease=lease.id, fence=lease.fence)
 
     async def release(self, lease: Lease) -> None:
-        """End a lease now: remove its tap even while a VM holds it."""
+        """End a lease now: remove its tap even while a VM holds it; give a
+        tap the client made back untouched (detached and untagged)."""
+        if lease.adopted:
+            await self._give_back(lease, "released")
+            return
         removed = await self.worker.run(self.netlink.delete, lease.ifindex)
         # Already gone and its event not yet here: end it now.
         if not removed and self.registry.pop(lease.ifindex) is not None:
@@ -234,8 +358,16 @@ class Lifecycle:
     # -- restart ---------------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """Rebuild leases from the interfaces' tags; remove taps whose owner is gone."""
-        kept = removed = forgotten = 0
+        """Rebuild leases from the interfaces' tags, then look again.
+
+        The listener runs already, but a tap removed (or gone idle) between
+        the dump and its lease's registration was announced while tapd did
+        not know it.  So every lease is registered first, with no await in
+        between, and then :meth:`_resync` ends those whose tap is gone and
+        applies the owner rule to those whose owner is gone: the end state
+        is what it would be had tapd been running throughout.
+        """
+        restored = orphaned = 0
         for index, name, alias in await self.worker.run(self.netlink.tagged_taps):
             lease = parse_tag(index, name, alias)
             if lease is None:
@@ -246,19 +378,13 @@ class Lifecycle:
                 if lease.fence:
                     await self._refence(lease)
                 self.log.info("lease.restored", lease=lease.id, ifname=name, uid=lease.uid)
-                kept += 1
+                restored += 1
                 continue
             self.log.info("lease.owner.gone", lease=lease.id, ifname=name, pid=lease.pid)
-            if lease.adopted:
-                # Not tapd's tap: forgotten, as when its owner exits while
-                # tapd runs, never removed.
-                await self._untag(lease)
-                forgotten += 1
-                continue
-            self.registry.add(lease)  # so that its RTM_DELLINK ends it, downscript and all
-            with contextlib.suppress(Exception):
-                await self.worker.run(self.netlink.delete, index)
-            removed += 1
+            self.registry.add(lease)
+            self._orphans.add(index)
+            orphaned += 1
+        await self._resync()
         # Shaping devices and address filters whose tap went while tapd was away.
         try:
             for index in await self.worker.run(self.netlink.orphan_ifbs):
@@ -266,5 +392,7 @@ class Lifecycle:
         except Exception:
             self.log.exception("lease.unshape.failed")
         await self._unfilter_orphans()
-        self.log.info("lease.reconciled", kept=kept, removed=removed, forgotten=forgotten)
-        self.reconciled.update(restored=kept, removed=removed, forgotten=forgotten)
+        self.log.info(
+            "lease.reconciled", restored=restored, orphaned=orphaned, leases=len(self.registry)
+        )
+        self.reconciled.update(restored=restored, orphaned=orphaned)

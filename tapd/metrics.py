@@ -119,7 +119,8 @@ class Recorder:
     ) -> Snapshot:
         """A copy of every number, taken on the loop, to render elsewhere.
         ``reconciled`` is what starting tapd found on the host's tagged taps
-        (restored, removed, forgotten)."""
+        (restored: the owner alive; orphaned: the owner gone, the owner rule
+        applied)."""
         per_bridge: Counter[str] = Counter(lease.bridge for lease in leases)
         self._bridges.update(per_bridge)
         return Snapshot(
@@ -128,7 +129,7 @@ class Recorder:
                 key: (tuple(counts), self.seconds[key]) for key, counts in self.buckets.items()
             },
             kernel_errors=dict(self.kernel_errors),
-            reconciled={k: reconciled.get(k, 0) for k in ("restored", "removed", "forgotten")},
+            reconciled={k: reconciled.get(k, 0) for k in ("restored", "orphaned")},
             leases={bridge: per_bridge[bridge] for bridge in self._bridges},
             connections=connections,
         )
@@ -189,8 +190,8 @@ def _families(snap: Snapshot) -> Iterator[Metric]:
     yield leases
     reconciled = CounterMetricFamily(
         "tapd_leases_reconciled",
-        "Tagged taps found at start: leases restored (owner alive), taps removed "
-        "(owner gone), client-made taps forgotten",
+        "Tagged taps found at start: leases restored (owner alive), or orphaned "
+        "(owner gone: removed, kept while in use, or given back)",
         labels=["result"],
     )
     for result, value in snap.reconciled.items():

@@ -7,7 +7,7 @@ is synchronous.  Its pyroute2 side (lookups, dumps, removals) runs only on the
 message (:meth:`Netlink.join_bridge`) and the checks of a cached bridge are a
 few syscalls on a socket of each calling thread's own, cheap enough for the
 trio loop to make itself.  :func:`link_events` listens for link changes on the
-trio loop.
+trio loop: a link removed, a tap's last queue closed, events lost.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import enum
 import errno
 import os
 import secrets
 import socket
 import struct
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,10 +51,20 @@ class TunInfo:
 
     owner: int | None  # TUNSETOWNER's uid; None: no owner
     group: int | None  # TUNSETGROUP's gid; None: no group
-    persist: bool
+    persist: bool  # TUNSETPERSIST: outlives its last queue
     multi_queue: bool
-    queues: int  # queues attached (IFLA_TUN_NUM_QUEUES)
-    disabled: int  # queues detached with TUNSETQUEUE: still held, still the device's
+    #: queues attached now.  tun_fill_info reports the count for multi-queue
+    #: devices only; a single-queue device's one queue is attached exactly
+    #: while its carrier is on (tun_attach() turns it on, __tun_detach()
+    #: turns it off as the last queue closes), so IFLA_CARRIER says 1 or 0.
+    queues: int
+    #: queues detached with TUNSETQUEUE/IFF_DETACH_QUEUE but still open
+    disabled: int
+
+    @property
+    def held(self) -> bool:
+        """Some process holds a queue of it (attached or disabled)."""
+        return self.queues + self.disabled > 0
 
     @classmethod
     def from_link(cls, msg: Any) -> TunInfo | None:
@@ -65,14 +77,20 @@ class TunInfo:
             value = data.get(name) if data else None
             return None if value is None else int(value)
 
+        multi_queue = bool(attr("IFLA_TUN_MULTI_QUEUE"))
+        if multi_queue:
+            queues = attr("IFLA_TUN_NUM_QUEUES") or 0
+            disabled = attr("IFLA_TUN_NUM_DISABLED_QUEUES") or 0
+        else:
+            queues, disabled = int(bool(msg.get("IFLA_CARRIER"))), 0
         # tun_fill_info() leaves out IFLA_TUN_OWNER/GROUP when none is set.
         return cls(
             owner=attr("IFLA_TUN_OWNER"),
             group=attr("IFLA_TUN_GROUP"),
             persist=bool(attr("IFLA_TUN_PERSIST")),
-            multi_queue=bool(attr("IFLA_TUN_MULTI_QUEUE")),
-            queues=attr("IFLA_TUN_NUM_QUEUES") or 0,
-            disabled=attr("IFLA_TUN_NUM_DISABLED_QUEUES") or 0,
+            multi_queue=multi_queue,
+            queues=queues,
+            disabled=disabled,
         )
 
 
@@ -103,6 +121,18 @@ def _mac(raw: bytes) -> str:
     return ":".join(f"{b:02x}" for b in raw)
 
 
+@dataclass(frozen=True)
+class TunLink:
+    """What tapd needs to attach a queue of its own to an existing tap."""
+
+    name: str
+    info: TunInfo
+    #: TUNSETIFF flags matching the device's own: tun_set_iff() copies the
+    #: attaching file's IFF_NO_PI / IFF_VNET_HDR onto the device, so any
+    #: other flags would change them under the VM
+    flags: int
+
+
 def _oserror(exc: NetlinkError) -> OSError:
     return OSError(exc.code, str(exc))
 
@@ -115,6 +145,8 @@ RTM_DELLINK = 17
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
 IFF_UP = 0x1  # <linux/if.h>
+IFF_LOWER_UP = 0x10000  # <linux/if.h>: the carrier is on (reported for running devices)
+AF_UNSPEC = 0
 
 # <linux/if_link.h>
 IFLA_ADDRESS = 1
@@ -129,12 +161,14 @@ NUD_NOARP = 0x40
 
 #: <linux/if_ether.h>: every protocol, for a filter that matches every frame
 ETH_P_ALL = 0x0003
+#: <linux/pkt_sched.h>: the parents of a device's root and ingress qdiscs
+_TC_H_ROOT = 0xFFFFFFFF
+_TC_H_INGRESS = 0xFFFFFFF1
 
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _NLATTR = struct.Struct("=HH")  # len, type
 _U32 = struct.Struct("=I")
-_IFINDEX = struct.Struct("=i")  # ifinfomsg.ifi_index, 4 bytes into the ifinfomsg
 _NLMSGERR = struct.Struct("=i")  # nlmsgerr.error, right after the nlmsghdr
 
 
@@ -403,8 +437,7 @@ class Netlink:
             self._ip.link("set", index=ifb, state="up")
             self._ip.tc("replace", "tbf", index=ifb, handle="1:", **_tbf(egress))
             # A fresh ingress qdisc each time, so the one redirect is never doubled.
-            with contextlib.suppress(NetlinkError):
-                self._ip.tc("del", "ingress", index=index, handle="ffff:")
+            self._del_qdisc(index, _TC_H_INGRESS)
             self._ip.tc("add", "ingress", index=index, handle="ffff:")
             self._ip.tc(
                 "add-filter",
@@ -425,12 +458,22 @@ class Netlink:
         """Remove the ifb that shaped tap ``index``'s guest (its qdiscs go with
         the tap; ``tap_too``: the tap stays, so remove them as well)."""
         if tap_too:
-            for kind, handle in (("tbf", "1:"), ("ingress", "ffff:")):
-                with contextlib.suppress(NetlinkError):
-                    self._ip.tc("del", kind, index=index, handle=handle)
+            self._del_qdisc(index, _TC_H_ROOT)
+            self._del_qdisc(index, _TC_H_INGRESS)
         for ifb in self._ip.link_lookup(ifname=ifb_name(index)):
             with contextlib.suppress(NetlinkError):
                 self._ip.link("del", index=ifb)
+
+    def _del_qdisc(self, index: int, parent: int) -> None:
+        """Remove the qdisc at ``parent`` (root or ingress), if there is one.
+        RTM_DELQDISC needs the parent (tc_get_qdisc(): "Classid cannot be
+        zero"); the kind is not asked for, so none is named."""
+        handle = "ffff:" if parent == _TC_H_INGRESS else "1:"
+        try:
+            self._ip.tc("del", index=index, handle=handle, parent=parent)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+                raise
 
     def orphan_ifbs(self) -> list[int]:
         """Indexes of ifb devices tapd made for taps that are gone."""
@@ -475,6 +518,40 @@ class Netlink:
             tun=info,
         )
 
+    def tun_link(self, index: int) -> TunLink | None:
+        """Tun device ``index``: its state, name and the flags to attach a
+        queue by; None if there is no such interface or it is no tun device."""
+        msg = self._link(index)
+        info = None if msg is None else TunInfo.from_link(msg)
+        if msg is None or info is None:
+            return None
+        data = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
+
+        def attr(name: str) -> int | None:
+            value = data.get(name) if data else None
+            return None if value is None else int(value)
+
+        flags = attr("IFLA_TUN_TYPE") or tun.IFF_TAP
+        if not attr("IFLA_TUN_PI"):
+            flags |= tun.IFF_NO_PI
+        if attr("IFLA_TUN_VNET_HDR"):
+            flags |= tun.IFF_VNET_HDR
+        if info.multi_queue:
+            flags |= tun.IFF_MULTI_QUEUE
+        return TunLink(name=str(msg.get("IFLA_IFNAME")), info=info, flags=flags)
+
+    def give_back(self, index: int) -> bool:
+        """Detach an interface from its bridge and remove its lease tag, in
+        one RTM_NEWLINK (IFLA_MASTER 0 is "no master": do_set_master()).
+        False if it was already gone."""
+        body = _IFINFOMSG.pack(0, 0, index, 0, 0) + _nla(IFLA_MASTER, _U32.pack(0))
+        err = self._request(RTM_NEWLINK, body + _nla(IFLA_IFALIAS, b""))
+        if err == errno.ENODEV:
+            return False
+        if err:
+            raise kernel_error(OSError(err, os.strerror(err)), f"giving back interface {index}")
+        return True
+
     def tagged_taps(self) -> list[tuple[int, str, str]]:
         """(index, name, alias) of every tun/tap device that has an alias."""
         found = []
@@ -505,18 +582,52 @@ _BPF_LD_H_ABS, _BPF_JEQ_K, _BPF_RET_K = 0x28, 0x15, 0x06
 SO_ATTACH_FILTER = 26
 
 
-def _only_dellink(sock: socket.socket) -> None:
-    """Let only RTM_DELLINK reach ``sock``.  Making one tap raises several
-    RTM_NEWLINK events; filtered out in the kernel, they never wake tapd."""
+_BPF_LD_B_ABS, _BPF_JSET_K = 0x30, 0x45
+
+
+def _flag_byte(bit: int) -> tuple[int, int]:
+    """(offset in the message, mask) of ifinfomsg.ifi_flags' byte holding
+    ``bit``: ifi_flags is host order, and BPF loads bytes as they lie."""
+    position = bit.bit_length() - 1
+    byte = position // 8 if sys.byteorder == "little" else 3 - position // 8
+    return _NLMSGHDR.size + 8 + byte, 1 << (position % 8)
+
+
+def _only_link_ends(sock: socket.socket) -> None:
+    """Let only RTM_DELLINK, and RTM_NEWLINK of an up link without carrier,
+    reach ``sock``.
+
+    Making one tap raises several RTM_NEWLINK events (all while it is down,
+    or up with its carrier on); filtered out in the kernel, they never wake
+    tapd.  A persistent tap whose last queue closes loses its carrier
+    (__tun_detach() calls netif_carrier_off()), and linkwatch announces that
+    as an RTM_NEWLINK while the link is up: that one passes.
+
+    Only the link's own messages (AF_UNSPEC): a bridge announces its ports
+    in AF_BRIDGE messages, and a port leaving the bridge (or the bridge
+    going) is an AF_BRIDGE RTM_DELLINK for the port (br_ifinfo_notify() in
+    del_nbp()), while the tap itself lives on.
+    """
     # A BPF half-word load is big-endian; nlmsg_type is in host order.
     dellink = int.from_bytes(struct.pack("=H", RTM_DELLINK), "big")
+    newlink = int.from_bytes(struct.pack("=H", RTM_NEWLINK), "big")
+    up_at, up_mask = _flag_byte(IFF_UP)
+    lower_at, lower_mask = _flag_byte(IFF_LOWER_UP)
+    keep, drop = 9, 10
     program = b"".join(
         _BPF_INSN.pack(*insn)
         for insn in (
-            (_BPF_LD_H_ABS, 0, 0, 4),  # A = nlmsghdr.nlmsg_type
-            (_BPF_JEQ_K, 0, 1, dellink),
-            (_BPF_RET_K, 0, 0, 0xFFFF_FFFF),  # keep the whole message
-            (_BPF_RET_K, 0, 0, 0),  # drop it
+            (_BPF_LD_B_ABS, 0, 0, _NLMSGHDR.size),  # 0: A = ifinfomsg.ifi_family
+            (_BPF_JEQ_K, 0, drop - 2, AF_UNSPEC),  # 1
+            (_BPF_LD_H_ABS, 0, 0, 4),  # 2: A = nlmsghdr.nlmsg_type
+            (_BPF_JEQ_K, keep - 4, 0, dellink),  # 3
+            (_BPF_JEQ_K, 0, drop - 5, newlink),  # 4
+            (_BPF_LD_B_ABS, 0, 0, up_at),  # 5
+            (_BPF_JSET_K, 0, drop - 7, up_mask),  # 6: up
+            (_BPF_LD_B_ABS, 0, 0, lower_at),  # 7
+            (_BPF_JSET_K, drop - 9, keep - 9, lower_mask),  # 8: no carrier
+            (_BPF_RET_K, 0, 0, 0xFFFF_FFFF),  # keep: the whole message
+            (_BPF_RET_K, 0, 0, 0),  # drop
         )
     )
     buf = ctypes.create_string_buffer(program)
@@ -524,22 +635,38 @@ def _only_dellink(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
+class LinkEvent(enum.Enum):
+    #: RTM_DELLINK: the interface is gone
+    REMOVED = "removed"
+    #: an up link lost its carrier: for a tun device, its last queue closed
+    #: (a persistent one stays; any other is removed right after)
+    IDLE = "idle"
+    #: the kernel dropped events (ENOBUFS): the listener must look again
+    OVERRUN = "overrun"
+
+
+#: an up link without carrier: what the filter passes besides RTM_DELLINK
+_IDLE_MASK = IFF_UP | IFF_LOWER_UP
+
+LinkCallback = Callable[[LinkEvent, int], None]
+
+
 async def link_events(
-    on_event: Callable[[int | None], None],
+    on_event: LinkCallback,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Report removed links as rtnetlink announces them: ``on_event(index)``,
-    or ``on_event(None)`` when the kernel dropped events (ENOBUFS) and the
-    listener must resynchronise.
+    """Report link changes as rtnetlink announces them: ``on_event(kind,
+    index)`` (index 0 with :attr:`LinkEvent.OVERRUN`).
 
     Runs on the trio loop: the socket is non-blocking, a kernel-side filter
-    passes RTM_DELLINK only, and only the fixed headers are read.
+    passes only what :func:`_only_link_ends` lets through, and only the fixed
+    headers are read.
     """
     raw = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
     with contextlib.suppress(OSError):  # SO_RCVBUFFORCE needs CAP_NET_ADMIN
         raw.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
-    _only_dellink(raw)
+    _only_link_ends(raw)
     raw.bind((0, RTMGRP_LINK))
     sock = trio.socket.from_stdlib_socket(raw)
     with sock:
@@ -554,22 +681,26 @@ async def link_events(
                 # congestion mark when the queue runs empty: drain it first, so
                 # that what the resync's dump misses still arrives as events.
                 _drain(raw, on_event)
-                on_event(None)
+                on_event(LinkEvent.OVERRUN, 0)
                 continue
             _report(data, on_event)
 
 
-def _report(data: bytes, on_event: Callable[[int | None], None]) -> None:
+def _report(data: bytes, on_event: LinkCallback) -> None:
     offset = 0
-    while offset + _NLMSGHDR.size + 8 <= len(data):
+    while offset + _NLMSGHDR.size + _IFINFOMSG.size <= len(data):
         length, kind, _, _, _ = _NLMSGHDR.unpack_from(data, offset)
-        if kind == RTM_DELLINK:
-            (index,) = _IFINDEX.unpack_from(data, offset + _NLMSGHDR.size + 4)
-            on_event(index)
+        family, _, index, flags, _ = _IFINFOMSG.unpack_from(data, offset + _NLMSGHDR.size)
+        if family != AF_UNSPEC:
+            pass  # a bridge's message about its port (the filter drops these)
+        elif kind == RTM_DELLINK:
+            on_event(LinkEvent.REMOVED, index)
+        elif kind == RTM_NEWLINK and flags & _IDLE_MASK == IFF_UP:
+            on_event(LinkEvent.IDLE, index)
         offset += (max(length, _NLMSGHDR.size) + 3) & ~3
 
 
-def _drain(raw: socket.socket, on_event: Callable[[int | None], None]) -> None:
+def _drain(raw: socket.socket, on_event: LinkCallback) -> None:
     """Read every queued event without waiting (each is still reported); the
     socket is non-blocking, as trio set it."""
     while True:

@@ -97,7 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     lst = verbs.add_parser("list", help="your leases (root: all of them)")
     lst.add_argument("--json", action="store_true", help="print a JSON list of leases")
-    rel = verbs.add_parser("release", help="end a lease now: its tap is removed")
+    rel = verbs.add_parser(
+        "release", help="end a lease now: its tap is removed (one passed with fd= is given back)"
+    )
     rel.add_argument("lease", metavar="ID|IFNAME")
     st = verbs.add_parser("status", help="how the daemon is doing")
     st.add_argument("--json", action="store_true", help="print the reply as JSON")

@@ -10,6 +10,7 @@ human can act on.  Callers run these off the trio loop.
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import fcntl
 import os
@@ -185,6 +186,51 @@ def create_tap(
         close_all(fds)
         raise
     return fds
+
+
+class Unpersist(enum.Enum):
+    #: persistence cleared: the kernel removes the tap as its last queue
+    #: closes, now if tapd's was the last
+    CLEARED = "cleared"
+    #: a process holds the tap and tapd could not attach: nothing changed
+    HELD = "held"
+    #: no such tap any more (or its name now means another device)
+    GONE = "gone"
+
+
+def unpersist(name: str, flags: int, index: int, path: str = TUN_PATH) -> Unpersist:
+    """Clear TUNSETPERSIST on tap ``name`` (interface ``index``) by
+    attaching a queue of tapd's own, then close that queue.
+
+    Whether anyone else still holds the tap is decided by the kernel in the
+    same step, with no window: a single-queue tap whose queue is attached
+    refuses a second one (tun_attach(): EBUSY), and closing tapd's queue of
+    a non-persistent tap unregisters it exactly when it was the last
+    (__tun_detach()).  ``flags`` must be the device's own (TUN_FEATURES are
+    copied from the attaching file onto the device).  TUNSETIFF by name makes
+    a tap when none has that name: one made here (its index is not
+    ``index``) is ours alone and goes with our fd.
+    """
+    fd = _open(path)
+    try:
+        try:
+            _setiff(fd, name, flags)
+        except OSError as exc:
+            # EBUSY: a single-queue tap's queue is attached; E2BIG: a
+            # multi-queue tap has all the queues it may (tun_attach()), every
+            # one of them open somewhere.
+            if exc.errno in (errno.EBUSY, errno.E2BIG):
+                return Unpersist.HELD
+            raise kernel_error(exc, f"attaching to tap {name!r}") from None
+        try:
+            if _ifreq_int(name, SIOCGIFINDEX) != index:
+                return Unpersist.GONE
+        except OSError:
+            return Unpersist.GONE
+        _set_arg(fd, TUNSETPERSIST, 0, f"clearing persistence of tap {name!r}")
+        return Unpersist.CLEARED
+    finally:
+        os.close(fd)
 
 
 def tap_info(fd: int) -> TapInfo:

@@ -3,6 +3,7 @@ and a grant that is never delivered leaves no tap behind."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tapdtest import Daemon, links, make_tap_in, run_daemon, taps, wait_until
+from tapdtest import Daemon, ip, links, make_tap_in, run_daemon, taps, wait_until
 
 from tapd import client, tun
 
@@ -96,16 +97,28 @@ def test_a_clients_own_tap_is_adopted_and_outlives_its_lease(
                 daemon.call({"op": "request", "fd": "3", "br": "br0"}, fds=fds)
             assert exc.value.code == "denied" and "already has a lease" in exc.value.message
             _finish(proc)
-            # Its owner is gone: the lease ends, the tap is left to its maker,
-            # untagged (a restarted tapd must not take it for a lease).
-            wait_until(lambda: daemon.leases() == [], what="the lease to end")
-            wait_until(lambda: not links(ns)["owntap"].get("ifalias"), what="the tag to go")
+            # Its owner is gone but a process (this one) holds the tap: the
+            # lease stays, the tap stays on its bridge.
+            wait_until(lambda: _logged(daemon, "lease.kept"), what="tapd to see the tap in use")
+            assert [x["id"] for x in daemon.leases()] == [lease["id"]]
             assert links(ns)["owntap"]["master"] == "br0"
+            # Its last holder goes (the tap stays: it is persistent): it is
+            # given back to its maker, off the bridge and untagged, not removed.
+            fcntl.ioctl(fds[0], tun.TUNSETPERSIST, 1)
+            tun.close_all(fds)
+            wait_until(lambda: daemon.leases() == [], what="the lease to end")
+            link = links(ns)["owntap"]
+            assert "master" not in link and not link.get("ifalias")
         finally:
             tun.close_all(fds)
+            ip("-n", ns, "link", "del", "owntap", check=False)
 
 
-def test_an_adopted_tap_whose_owner_left_while_tapd_was_down_is_left_alone(
+def _logged(daemon: Daemon, event: str) -> bool:
+    return any(e["event"] == event for e in daemon.log())
+
+
+def test_an_adopted_tap_whose_owner_left_while_tapd_was_down_keeps_its_lease_while_held(
     ns: str, br0: str, tmp_path: Path
 ) -> None:
     fds = make_tap_in(ns, "kepttap")
@@ -121,17 +134,64 @@ def test_an_adopted_tap_whose_owner_left_while_tapd_was_down_is_left_alone(
         _finish(proc)  # the owner goes while no tapd runs
         (tmp_path / "second").mkdir()
         with run_daemon(ns, tmp_path / "second", CONFIG) as second:
-            wait_until(lambda: any(
-                e["event"] == "lease.reconciled" for e in second.log()
-            ), what="the restart's reconcile")  # fmt: skip
-            assert second.leases() == []
-            (done,) = [e for e in second.log() if e["event"] == "lease.reconciled"]
-            assert (done["kept"], done["removed"], done["forgotten"]) == (0, 0, 1)
-            # The client's tap: still there, still on its bridge, untagged.
-            link = links(ns)["kepttap"]
-            assert link["master"] == "br0" and not link.get("ifalias")
+            wait_until(lambda: _logged(second, "lease.reconciled"), what="the rebuild")
+            # This process still holds the tap: its lease is rebuilt.
+            (lease,) = second.leases()
+            assert lease["id"] == result["lease"] and lease["adopted"] is True
+            assert links(ns)["kepttap"]["master"] == "br0"
+            tun.close_all(fds)  # not persistent: the kernel removes it
+            wait_until(lambda: second.leases() == [], what="the lease to end")
     finally:
         tun.close_all(fds)
+
+
+def test_an_adopted_tap_nobody_holds_after_a_restart_is_given_back(
+    ns: str, br0: str, tmp_path: Path
+) -> None:
+    fds = make_tap_in(ns, "backtap")
+    try:
+        tun.set_owner(fds[0], NOBODY)
+        with run_daemon(ns, tmp_path, CONFIG) as first:
+            _open_to_all(first)
+            result, proc = _adopt_as_nobody(first, fds[0])
+            assert result["ok"] is True, result
+            # Made persistent once adopted (tapd adopts only a fresh tap): it
+            # outlives every fd, so nobody holds it after the restart.
+            fcntl.ioctl(fds[0], tun.TUNSETPERSIST, 1)
+            first.proc.kill()
+            first.proc.wait(timeout=10)
+        _finish(proc)
+        tun.close_all(fds)  # nobody holds it now; it persists
+        (tmp_path / "second").mkdir()
+        with run_daemon(ns, tmp_path / "second", CONFIG) as second:
+            wait_until(lambda: _logged(second, "lease.reconciled"), what="the rebuild")
+            assert second.leases() == []
+            link = links(ns)["backtap"]
+            assert "master" not in link and not link.get("ifalias")
+    finally:
+        tun.close_all(fds)
+        ip("-n", ns, "link", "del", "backtap", check=False)
+
+
+def test_release_of_an_adopted_lease_gives_the_tap_back(ns: str, br0: str, tmp_path: Path) -> None:
+    with run_daemon(ns, tmp_path, CONFIG) as daemon:
+        fds = make_tap_in(ns, "reltap")
+        try:
+            reply, _ = daemon.call({"op": "request", "fd": "3", "br": "br0"}, fds=fds)
+            assert links(ns)["reltap"]["master"] == "br0"
+            client.release(reply["lease"], path=daemon.socket_path)
+            assert daemon.leases() == []
+            # The client's tap: still there, its fd still works, off the
+            # bridge and untagged.
+            link = links(ns)["reltap"]
+            assert "master" not in link and not link.get("ifalias")
+            assert tun.tap_info(fds[0]).name == "reltap"
+            ended = [e for e in daemon.log() if e["event"] == "lease.ended"]
+            assert [(e["lease"], e["reason"]) for e in ended] == [(reply["lease"], "released")], (
+                "\n".join(map(str, daemon.log()))
+            )
+        finally:
+            tun.close_all(fds)
 
 
 def test_a_non_socket_fd_with_bridge_helper_is_refused_and_closed(daemon: Daemon) -> None:

@@ -169,8 +169,7 @@ def test_a_restart_counts_the_leases_it_restored(ns: str, br0: str, tmp_path: Pa
             got = scrape(second)
             assert got["tapd_leases_reconciled_total"] == {
                 labels(result="restored"): 1,
-                labels(result="removed"): 1,
-                labels(result="forgotten"): 0,
+                labels(result="orphaned"): 1,
             }
             assert got["tapd_leases"] == {labels(bridge=br0): 1}
             assert alive_tap in links(ns)

@@ -201,11 +201,10 @@ def test_live_leases_per_bridge_and_a_bridge_stays_at_zero() -> None:
 
 
 def test_leases_reconciled_at_start_and_connections() -> None:
-    got = scraped(Recorder(), restored=4, removed=1)
+    got = scraped(Recorder(), restored=4, orphaned=1)
     assert got["tapd_leases_reconciled_total"] == {
         labels(result="restored"): 4,
-        labels(result="removed"): 1,
-        labels(result="forgotten"): 0,
+        labels(result="orphaned"): 1,
     }
     assert got["tapd_connections"] == {(): 3}
     assert list(got["tapd_build_info"].values()) == [1]
