@@ -11,6 +11,7 @@ import trio
 
 from . import __version__
 from . import log as logging
+from .closer import CloserError, Closers
 from .config import DEFAULT_SOCKET, Config, ConfigError, load
 from .errors import TapdError
 from .lifecycle import Lifecycle
@@ -62,8 +63,15 @@ def open_listener(config: Config, socket_path: str | None, listen_fd: int | None
 DRAIN_SECONDS = 10.0
 
 
-async def run(config: Config, listener: Listener, config_path: str | None = None) -> None:
+async def run(
+    config: Config,
+    listener: Listener,
+    config_path: str | None = None,
+    closers: Closers | None = None,
+) -> None:
     log = logging.get()
+    closers = closers or Closers.start()
+    closers.configure(config.server)
     notifier = Notifier()
     worker = KernelWorker()
     maker = KernelTaps(config.taps.tun_device)
@@ -79,11 +87,12 @@ async def run(config: Config, listener: Listener, config_path: str | None = None
             log.error("tun.unavailable", message=exc.message)
         lifecycle = Lifecycle(config, worker, maker.netlink)
         service = Service(config, maker, worker, lifecycle, config_path)
-        server = Server(service)
+        server = Server(service, closers)
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         with trio.open_signal_receiver(*signals) as received:
             async with trio.open_nursery() as nursery:
                 await nursery.start(lifecycle.run)
+                await nursery.start(closers.run)
                 accepting = trio.CancelScope()
 
                 async def accept() -> None:
@@ -104,6 +113,7 @@ async def run(config: Config, listener: Listener, config_path: str | None = None
                 async for signum in received:
                     if signum == signal.SIGHUP:
                         _reload(service, config_path, notifier)
+                        closers.configure(service.config.server)
                         continue
                     log.info("server.stopping", signal=signal.Signals(signum).name)
                     notifier.notify("STOPPING=1", "STATUS=stopping")
@@ -182,7 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     except ListenError as exc:
         log.error("server.listen.failed", message=str(exc))
         return 2
-    trio.run(run, config, listener, args.config)
+    try:
+        # Made now, while tapd has a single thread (see tapd.closer).
+        closers = Closers.start()
+    except (CloserError, OSError) as exc:
+        log.error("closer.start.failed", error=str(exc))
+        return 2
+    trio.run(run, config, listener, args.config, closers)
     return 0
 
 
