@@ -412,14 +412,8 @@ class Closers:
 
     async def _abandon(self, closer: _Closer) -> None:
         whose = closer.sent[0][1] if closer.sent else "?"
+        seconds = round(time.monotonic() - closer.progress_at, 3)
         self.current = None
-        self.log.warning(
-            "closer.stuck",
-            closer=closer.pid,
-            seconds=round(time.monotonic() - closer.progress_at, 3),
-            owner=whose,
-            waiting=len(closer.sent),
-        )
         with contextlib.suppress(OSError):
             signal.pidfd_send_signal(closer.pidfd, signal.SIGKILL)
         # Once SIGKILL is pending the closer runs no more of its own code; it
@@ -433,10 +427,24 @@ class Closers:
         for fd in (closer.commands_r, closer.commands_w):
             with contextlib.suppress(OSError):
                 os.close(fd)  # pipe ends tapd made: closing them waits on nothing
-        if _exited(closer.pidfd):
+        if settled.stuck:
+            whose = settled.stuck[1]
+        exited = _exited(closer.pidfd)
+        if exited:
             self._release(closer)
         else:
-            self.stuck.append((closer, settled.stuck[1] if settled.stuck else whose))
+            self.stuck.append((closer, whose))
+        # One line for the admin: whose fd, and whether the closer is still
+        # held (a FUSE flush: until its server answers or goes).
+        self.log.warning(
+            "closer.stuck",
+            closer=closer.pid,
+            seconds=seconds,
+            owner=whose,
+            killed=exited,
+            retaken=len(settled.retake),
+            stuck_closers=len(self.stuck),
+        )
 
     def _reap(self) -> None:
         for closer, whose in list(self.stuck):

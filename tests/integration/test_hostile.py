@@ -382,7 +382,9 @@ def test_a_client_that_never_reads_its_replies_is_let_go(ns_br0: str, tmp_path: 
 
 
 def test_max_connections_turns_away_one_more(ns_br0: str, tmp_path: Path) -> None:
-    with run_daemon(ns_br0, tmp_path, "[server]\nmax_connections = 5\nroot_reserved_connections = 0\n") as d:
+    # These clients are root's: without its reserve, root is turned away like anyone.
+    config = "[server]\nmax_connections = 5\nroot_reserved_connections = 0\n"
+    with run_daemon(ns_br0, tmp_path, config) as d:
         held = [connect(d) for _ in range(5)]
         try:
             for sock in held:  # admitted: each is answered
