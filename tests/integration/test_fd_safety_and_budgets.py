@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 from tapdtest import Daemon, run_daemon, taps, wait_until
 
-from tapd import client, tun
+from tapd import client, closer, tun
 
 pytestmark = pytest.mark.root
 
@@ -631,3 +631,45 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+# -- the unit's confinement lets the closers work ----------------------------------------
+
+#: what tapd.closer calls (besides read, write, close): the raw clone, the
+#: death signal, the pidfd it gets and signals, the pipes and shared counters
+_CLOSER_SYSCALLS = ("clone", "prctl", "pidfd_send_signal", "pipe2", "mmap", "getppid", "poll")
+
+
+def _syscall_set(name: str) -> set[str]:
+    out = subprocess.run(
+        ["systemd-analyze", "syscall-filter", name], capture_output=True, text=True, check=True
+    ).stdout
+    found: set[str] = set()
+    for line in out.splitlines()[1:]:
+        word = line.strip()
+        if not word or word.startswith("#"):
+            continue
+        found |= _syscall_set(word) if word.startswith("@") else {word}
+    return found
+
+
+def test_the_units_syscall_filter_allows_what_the_closers_call() -> None:
+    unit = Path(REPO, "systemd", "tapd.service").read_text().splitlines()
+    filters = [
+        line.split("=", 1)[1].split() for line in unit if line.startswith("SystemCallFilter=")
+    ]
+    allowed: set[str] = set()
+    denied: set[str] = set()
+    for words in filters:
+        if words[0].startswith("~"):
+            words = [words[0][1:], *words[1:]]
+            for word in words:
+                denied |= _syscall_set(word) if word.startswith("@") else {word}
+        else:
+            for word in words:
+                allowed |= _syscall_set(word) if word.startswith("@") else {word}
+    for call in _CLOSER_SYSCALLS:
+        assert call in allowed and call not in denied, call
+    # CLONE_FILES is no namespace flag: RestrictNamespaces= does not see it,
+    # and the closers' shared memory is never executable (MemoryDenyWriteExecute=).
+    assert (closer.CLONE_FILES | closer.CLONE_PIDFD) & 0x7E02_0000 == 0  # every CLONE_NEW*
