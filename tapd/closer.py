@@ -254,6 +254,7 @@ class Closers:
         self.max_stuck = 8
         self._wake = trio.Event()
         self._spawning = False
+        self._spawner_gone = False
 
     def configure(self, server: ServerConfig) -> None:
         self.timeout = server.closer_timeout
@@ -360,8 +361,8 @@ class Closers:
                 self.log.error("closer.write.failed", pid=closer.pid, error=str(exc))
                 self._wake.set()
                 return
-            if not closer.sent:
-                closer.progress_at = time.monotonic()
+            if self._finished(closer) >= closer.base + len(closer.sent):
+                closer.progress_at = time.monotonic()  # it was idle: time it from now
             for _ in batch:
                 closer.sent.append(self.waiting.popleft())
 
@@ -462,15 +463,16 @@ class Closers:
         if len(self.stuck) >= self.max_stuck or self._spawning:
             return
         if _exited(self._spawner_pidfd):
-            return  # logged once, when it was found gone
+            if not self._spawner_gone:
+                self._spawner_gone = True
+                self.log.critical("closer.spawner.gone", spawner=self.spawner_pid)
+            return
         self._spawning = True
         try:
             self.current = await self._make()
             self.log.info("closer.started", closer=self.current.pid, stuck=len(self.stuck))
         except CloserError as exc:
             self.log.error("closer.start.failed", error=str(exc))
-            if _exited(self._spawner_pidfd):
-                self.log.critical("closer.spawner.gone", spawner=self.spawner_pid)
         finally:
             self._spawning = False
 
