@@ -393,9 +393,11 @@ def test_max_connections_turns_away_one_more(ns_br0: str, tmp_path: Path) -> Non
             with connect(d) as extra:
                 replies = read_replies(extra)
             assert [r["error"]["code"] for r in replies] == ["overloaded"]
-            with pytest.raises(client.ClientError) as exc:
+            # tapd's refusal may overtake the request: the client library's
+            # send then fails (EPIPE) before it reads tapd's "overloaded".
+            with pytest.raises((client.ClientError, BrokenPipeError)) as exc:
                 d.request(br="br0")
-            assert exc.value.code == "overloaded"
+            assert isinstance(exc.value, BrokenPipeError) or exc.value.code == "overloaded"
             for sock in held:  # the five still work
                 sock.sendall(b'{"op": "request", "br": "br0"}\n')
                 got = fdpass.recv_sync(sock)
