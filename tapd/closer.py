@@ -295,7 +295,11 @@ class Closers:
         slot = self._free_slots.pop()
         self._counters[2 * slot] = 0
         self._counters[2 * slot + 1] = 0
-        os.write(self._requests_w, struct.pack("i", slot))
+        try:
+            os.write(self._requests_w, struct.pack("i", slot))
+        except BaseException:
+            self._free_slots.append(slot)
+            raise
         return slot
 
     def _answer(self, slot: int, raw: bytes) -> _Closer:
@@ -311,7 +315,10 @@ class Closers:
         return self._answer(slot, _read_exactly(self._replies_r, _REPLY.size))
 
     async def _make(self) -> _Closer:
-        slot = self._request()
+        try:
+            slot = self._request()
+        except OSError as exc:  # EPIPE: the spawner is gone
+            raise CloserError(f"cannot ask the spawner: {exc.strerror or exc}") from None
         os.set_blocking(self._replies_r, False)
         buf = b""
         while len(buf) < _REPLY.size:
@@ -321,6 +328,7 @@ class Closers:
                 await trio.lowlevel.wait_readable(self._replies_r)
                 continue
             if not got:
+                self._free_slots.append(slot)
                 raise CloserError("the spawner is gone")
             buf += got
         return self._answer(slot, buf)

@@ -178,3 +178,15 @@ def test_closer_config_keys_reach_the_closers(rig: Rig) -> None:
     server = config.parse("[server]\ncloser_timeout = 0.5\nmax_stuck_closers = 3\n").server
     rig.closers.configure(server)
     assert (rig.closers.timeout, rig.closers.max_stuck) == (0.5, 3)
+
+
+async def test_a_spawner_that_cannot_be_asked_leaves_tapd_running(rig: Rig) -> None:
+    os.close(rig.requests_r)  # nobody reads the requests any more: EPIPE
+    rig.fds.remove(rig.requests_r)
+    slots = len(rig.closers._free_slots)
+    await rig.closers._replace()
+    assert not rig.closers.healthy and len(rig.closers._free_slots) == slots
+    rig.procs[0].kill()  # the spawner is gone: not asked again
+    rig.procs[0].wait()
+    await rig.closers._replace()
+    assert rig.closers._spawner_gone
