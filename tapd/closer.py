@@ -312,6 +312,14 @@ class Closers:
 
     def _make_sync(self) -> _Closer:
         slot = self._request()
+        # Its reply, or its end: the reply pipe's write end stays open in the
+        # table it shared, so a dead spawner brings no EOF.
+        poller = select.poll()
+        poller.register(self._replies_r, select.POLLIN)
+        poller.register(self._spawner_pidfd, select.POLLIN)
+        poller.poll()
+        if _exited(self._spawner_pidfd):
+            raise CloserError("the spawner exited before making a closer")
         return self._answer(slot, _read_exactly(self._replies_r, _REPLY.size))
 
     async def _make(self) -> _Closer:
@@ -325,7 +333,11 @@ class Closers:
             try:
                 got = os.read(self._replies_r, _REPLY.size - len(buf))
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(self._replies_r)
+                with trio.move_on_after(1.0):
+                    await trio.lowlevel.wait_readable(self._replies_r)
+                if _exited(self._spawner_pidfd):  # no EOF comes (see _make_sync)
+                    self._free_slots.append(slot)
+                    raise CloserError("the spawner is gone") from None
                 continue
             if not got:
                 self._free_slots.append(slot)

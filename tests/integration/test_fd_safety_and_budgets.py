@@ -17,6 +17,7 @@ import os
 import platform
 import select
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -673,3 +674,111 @@ def test_the_units_syscall_filter_allows_what_the_closers_call() -> None:
     # CLONE_FILES is no namespace flag: RestrictNamespaces= does not see it,
     # and the closers' shared memory is never executable (MemoryDenyWriteExecute=).
     assert (closer.CLONE_FILES | closer.CLONE_PIDFD) & 0x7E02_0000 == 0  # every CLONE_NEW*
+
+
+# tapd under the unit's syscall filter, rebuilt with libseccomp as systemd 252
+# builds it: @system-service allowed, @privileged and @resources taken away,
+# EPERM for the rest; RestrictNamespaces= (clone with a CLONE_NEW* flag
+# refused, clone3 ENOSYS so that libc falls back to clone) and
+# MemoryDenyWriteExecute= (no mapping both writable and executable, no
+# mprotect adding PROT_EXEC) as argument filters.
+_CONFINED = r"""
+import ctypes, errno, os, sys
+allowed = set(sys.argv[1].split(","))
+lib = ctypes.CDLL("libseccomp.so.2")
+lib.seccomp_init.restype = ctypes.c_void_p
+lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+
+class Cmp(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
+                ("a", ctypes.c_uint64), ("b", ctypes.c_uint64)]
+
+ALLOW, MASKED_EQ = 0x7FFF0000, 7
+def errno_(e):
+    return 0x00050000 | e
+ctx = ctypes.c_void_p(lib.seccomp_init(errno_(errno.EPERM)))
+
+def rule(action, name, *cmps):
+    nr = lib.seccomp_syscall_resolve_name(name.encode())
+    if nr < 0:
+        return
+    array = (Cmp * max(1, len(cmps)))(*cmps)
+    assert lib.seccomp_rule_add_array(ctx, action, nr, len(cmps), array) == 0, name
+
+special = {"clone", "clone3", "mmap", "mprotect", "pkey_mprotect", "shmat"}
+for name in allowed - special:
+    rule(ALLOW, name)
+rule(ALLOW, "clone", Cmp(0, MASKED_EQ, 0x7E020000, 0))
+rule(errno_(errno.ENOSYS), "clone3")
+for prot in (0, 2, 4):  # PROT_WRITE, PROT_EXEC, never both
+    rule(ALLOW, "mmap", Cmp(2, MASKED_EQ, 6, prot))
+rule(ALLOW, "mprotect", Cmp(2, MASKED_EQ, 4, 0))
+rule(ALLOW, "pkey_mprotect", Cmp(2, MASKED_EQ, 4, 0))
+assert ctypes.CDLL(None).prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+assert lib.seccomp_load(ctx) == 0
+os.execv(sys.executable, [sys.executable, "-m", "tapd.daemon", *sys.argv[2:]])
+"""
+
+
+def _unit_syscalls() -> set[str]:
+    unit = Path(REPO, "systemd", "tapd.service").read_text().splitlines()
+    allowed: set[str] = set()
+    for line in unit:
+        if line.startswith("SystemCallFilter="):
+            words = line.split("=", 1)[1].split()
+            deny = words[0].startswith("~")
+            found: set[str] = set()
+            for word in [words[0].lstrip("~"), *words[1:]]:
+                found |= _syscall_set(word) if word.startswith("@") else {word}
+            allowed = allowed - found if deny else allowed | found
+    return allowed
+
+
+def test_closers_work_under_the_units_syscall_filter(
+    ns: str, br0: str, tmp_path: Path, attackers: list[Attacker]
+) -> None:
+    path = tempfile.mkdtemp(prefix="tapd-") + "/s"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    (tmp_path / "tapd.toml").write_text("[server]\ncloser_timeout = 1.0\n")
+    argv = [sys.executable, "-c", _CONFINED, ",".join(sorted(_unit_syscalls()))]
+    argv += ["--listen-fd", str(listener.fileno()), "--config", str(tmp_path / "tapd.toml")]
+    log_path = tmp_path / "tapd.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *argv],
+            pass_fds=[listener.fileno()],
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+        )
+    listener.close()
+    daemon = Daemon(ns=ns, socket_path=path, proc=proc, log_path=log_path)
+    try:
+        share(daemon)
+        wait_until(lambda: proc.poll() is not None or _ok(daemon), timeout=20, what="tapd up")
+        assert proc.poll() is None, log_path.read_text()
+        assert Path(f"/proc/{proc.pid}/status").read_text().count("Seccomp:\t2") == 1
+        daemon.request(br=br0).close()
+        closed_by_tapd(daemon)
+        # The stuck path too: kill (pidfd_send_signal) and a fresh closer (clone).
+        attacker = Attacker(daemon, U1, _LINGER, ns=ns)
+        attackers.append(attacker)
+        assert attacker.read()["reply"]["ok"] is True
+        wait_until(lambda: events(daemon, "closer.started"), timeout=20, what="a fresh closer")
+        (stuck,) = events(daemon, "closer.stuck")
+        assert stuck["killed"] is True
+        closed_by_tapd(daemon)
+    finally:
+        daemon.stop()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            os.rmdir(os.path.dirname(path))
+
+
+def _ok(daemon: Daemon) -> bool:
+    try:
+        return hello(daemon).get("ok") is True
+    except OSError:
+        return False
