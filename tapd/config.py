@@ -84,10 +84,27 @@ class ServerConfig(_Section):
     #: group owning the socket file (name or numeric id); None keeps root's
     socket_group: Group | None = None
     max_connections: Annotated[int, Field(ge=1, le=65536)] = 1024
-    #: connections one uid may hold open at once, so no uid can take them all
-    max_connections_per_uid: Annotated[int, Field(ge=1, le=65536)] = 512
+    #: connections one uid may hold open at once, so that no uid (nor two)
+    #: can take them all; root is not counted per uid
+    max_connections_per_uid: Annotated[int, Field(ge=1, le=65536)] = 128
+    #: connections root may open beyond max_connections: others cannot lock
+    #: root out
+    root_reserved_connections: Annotated[int, Field(ge=0, le=65536)] = 16
     #: seconds a connection may sit without sending a complete request
     request_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    #: seconds a connection may stay open however busy it is (a request in
+    #: flight is finished first): hello every few seconds keeps no slot
+    connection_lifetime: Annotated[float, Field(gt=0, le=86400)] = 600.0
+    #: fds one uid's connections may hold at once, sent with lines not yet
+    #: complete or handled, beside the global budget (a quarter of tapd's
+    #: open-file limit)
+    max_fds_per_uid: Annotated[int, Field(ge=1, le=1 << 20)] = 1024
+    #: seconds a closer may take over fds it was given before tapd deems it
+    #: stuck, kills it and makes another (see tapd.closer)
+    closer_timeout: Annotated[float, Field(gt=0, le=600)] = 2.0
+    #: stuck closers (a FUSE flush that never returns keeps one for ever) at
+    #: which tapd stops taking fds until one of them ends
+    max_stuck_closers: Annotated[int, Field(ge=1, le=128)] = 8
 
     @field_validator("socket_mode")
     @classmethod
@@ -133,6 +150,10 @@ class TapsConfig(_Section):
     @classmethod
     def _mac_prefix(cls, value: str) -> str:
         return check_prefix(value)
+
+    #: live taps over every uid but root, beside each [[allow]] rule's
+    #: per-uid max_taps (which uids a group rule matches is not bounded)
+    max_taps: Annotated[int, Field(ge=1)] | None = 4096
 
     @field_validator("name_template")
     @classmethod

@@ -14,6 +14,7 @@ import trio
 
 from . import __version__
 from . import log as logging
+from .closer import CloserError, Closers
 from .config import DEFAULT_SOCKET, Config, ConfigError, load
 from .errors import ConfigInvalid, TapdError
 from .lifecycle import Lifecycle
@@ -71,9 +72,12 @@ async def run(
     listener: Listener,
     config_path: str | None = None,
     notifier: Notifier | None = None,
+    closers: Closers | None = None,
 ) -> None:
     log = logging.get()
     notifier = notifier if notifier is not None else Notifier()
+    closers = closers or Closers.start()
+    closers.configure(config.server)
     worker = KernelWorker()
     maker = KernelTaps(config.taps.tun_device)
     try:
@@ -88,11 +92,12 @@ async def run(
             log.error("tun.unavailable", message=exc.message)
         lifecycle = Lifecycle(config, worker, maker.netlink)
         service = Service(config, maker, worker, lifecycle, config_path)
-        server = Server(service)
+        server = Server(service, closers)
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         with trio.open_signal_receiver(*signals) as received:
             async with trio.open_nursery() as nursery:
                 await nursery.start(lifecycle.run)
+                await nursery.start(closers.run)
                 accepting = trio.CancelScope()
 
                 async def accept() -> None:
@@ -116,6 +121,7 @@ async def run(
                     if signum == signal.SIGHUP:
                         _reload(service, config_path, notifier)
                         notifier.notify(_serving(len(lifecycle.registry)))
+                        closers.configure(service.config.server)
                         continue
                     log.info("server.stopping", signal=signal.Signals(signum).name)
                     notifier.notify("STOPPING=1", "STATUS=stopping")
@@ -229,7 +235,10 @@ def _main(argv: list[str] | None) -> int:
     except ListenError as exc:
         log.error("server.listen.failed", message=str(exc))
         return EXIT_CANNOT_START
-    trio.run(run, config, listener, args.config)
+    closers = _closers()
+    if closers is None:
+        return EXIT_CANNOT_START
+    trio.run(run, config, listener, args.config, None, closers)
     return 0
 
 
@@ -249,11 +258,23 @@ def _unconfigured_start(error: ConfigError, listen_fd: int | None) -> int:
         return EXIT_CANNOT_START
     if activated is None:
         return EXIT_CANNOT_START
+    closers = _closers()
+    if closers is None:
+        return EXIT_CANNOT_START
     notifier = Notifier()
     config = trio.run(_unconfigured, activated, error, notifier)
     if config is not None:
-        trio.run(run, config, activated, error.path, notifier)
+        trio.run(run, config, activated, error.path, notifier, closers)
     return 0
+
+
+def _closers() -> Closers | None:
+    """tapd's closers, made while it has a single thread (see tapd.closer)."""
+    try:
+        return Closers.start()
+    except (CloserError, OSError) as exc:
+        logging.get().error("closer.start.failed", error=str(exc))
+        return None
 
 
 def _check(path: str) -> int:

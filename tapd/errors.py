@@ -239,6 +239,13 @@ class ConfigInvalid(SystemFault):
     code = "config-invalid"
 
 
+class FdsRefused(SystemFault):
+    """tapd cannot take fds now: its closers are stuck on fds someone sent
+    (see tapd.closer), so fds that arrive could not be let go of."""
+
+    code = "fds-refused"
+
+
 class InternalError(SystemFault):
     code = "internal-error"
 

@@ -25,10 +25,12 @@ import trio
 
 from . import fdpass, owner, protocol
 from . import log as logging
+from .closer import Closers
 from .config import Config
 from .errors import (
     ClientError,
     Denied,
+    FdsRefused,
     LineTooLong,
     Overloaded,
     RequestTimeout,
@@ -40,7 +42,6 @@ from .fdpass import MAX_FDS_PER_MSG
 from .models import MAX_TAP_QUEUES
 from .policy import Peer
 from .service import Grant, Service
-from .tun import close_all
 
 #: accept() errors that mean "the host is short of something", not "the
 #: listening socket is broken": back off and try again (as trio's serve_listeners).
@@ -97,8 +98,11 @@ def peer_of(sock: socket.socket) -> Peer:
 
 
 class Server:
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Service, closers: Closers) -> None:
         self.service = service
+        #: where every fd a client sent, and every client connection, goes to
+        #: be closed: never closed here (see tapd.closer)
+        self.closers = closers
         self._ids = itertools.count(1)
         self.log = logging.get()
         #: requests being carried out right now (a clean stop waits for them)
@@ -112,6 +116,9 @@ class Server:
         self.fd_budget = max(
             MAX_FDS_PER_REQUEST, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4
         )
+        #: the same per uid, against [server] max_fds_per_uid: one uid parking
+        #: fds on lines it never finishes cannot use up the global budget
+        self._held_per_uid: Counter[int] = Counter()
         self.idle = trio.Event()
         self.idle.set()
 
@@ -162,22 +169,31 @@ class Server:
 
     async def _connection(self, sock: socket.socket) -> None:
         conn = next(self._ids)
-        with sock:
+        whose = f"conn={conn}"
+        try:
             try:
                 peer = peer_of(sock)
             except OSError as exc:
                 self.log.warning("connection.refused", conn=conn, error=str(exc))
                 return
+            whose = f"uid={peer.uid} pid={peer.pid} conn={conn}"
             try:
-                await self._admitted(sock, conn, peer)
+                await self._admitted(sock, conn, peer, whose)
             finally:
                 if peer.pidfd >= 0:
-                    os.close(peer.pidfd)
+                    os.close(peer.pidfd)  # tapd's own pidfd: closing it waits on nothing
+        finally:
+            # Its last close may release fds still queued on it (tapd.closer).
+            self.closers.give_socket(sock, whose)
 
-    async def _admitted(self, sock: socket.socket, conn: int, peer: Peer) -> None:
+    async def _admitted(self, sock: socket.socket, conn: int, peer: Peer, whose: str) -> None:
         log = self.log.bind(conn=conn, uid=peer.uid, gid=peer.gid, pid=peer.pid)
         service = self.service
-        if service.connections >= self.config.server.max_connections:
+        limit = self.config.server.max_connections
+        if peer.uid == 0:
+            # Kept for root: no number of other uids can lock the admin out.
+            limit += self.config.server.root_reserved_connections
+        if service.connections >= limit:
             log.warning("connection.overloaded", connections=service.connections)
             await self._reply_quietly(
                 sock,
@@ -185,7 +201,7 @@ class Server:
             )
             return
         per_uid = self.config.server.max_connections_per_uid
-        if self._per_uid[peer.uid] >= per_uid:
+        if peer.uid != 0 and self._per_uid[peer.uid] >= per_uid:
             log.warning("connection.overloaded", uid_connections=self._per_uid[peer.uid])
             await self._reply_quietly(
                 sock,
@@ -198,7 +214,7 @@ class Server:
         service.connections += 1
         self._per_uid[peer.uid] += 1
         try:
-            await self._serve_connection(sock, conn, peer, log)
+            await self._serve_connection(sock, conn, peer, log, whose)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.info("connection.lost", error=str(exc))
         except RequestTimeout as exc:
@@ -235,16 +251,55 @@ class Server:
             return
         raise RequestTimeout(f"the client did not take its reply within {timeout:g} s")
 
-    async def _serve_connection(self, sock: socket.socket, conn: int, peer: Peer, log: Any) -> None:
+    def _hold(self, uid: int, count: int) -> None:
+        self.held_fds += count
+        self._held_per_uid[uid] += count
+        if not self._held_per_uid[uid]:
+            del self._held_per_uid[uid]
+
+    def _let_go(self, uid: int, fds: list[int], whose: str) -> None:
+        """Hand ``fds`` a client sent to the closers, and stop counting them."""
+        if fds:
+            self.closers.give(fds, whose)
+            self._hold(uid, -len(fds))
+
+    def _too_many(self, uid: int, pending: int, truncated: bool) -> TooManyFds | None:
+        per_uid = self.config.server.max_fds_per_uid
+        if truncated or pending > MAX_FDS_PER_REQUEST:
+            return TooManyFds(
+                f"too many file descriptors: one message carries at most "
+                f"{MAX_FDS_PER_MSG} and one request at most "
+                f"{MAX_FDS_PER_REQUEST}; none were kept"
+            )
+        if self._held_per_uid[uid] > per_uid:
+            return TooManyFds(
+                f"uid {uid} has {self._held_per_uid[uid]} file descriptors waiting in "
+                f"tapd on requests not yet complete, more than one uid may "
+                f"(server.max_fds_per_uid = {per_uid}); none were kept"
+            )
+        if self.held_fds > self.fd_budget:
+            return TooManyFds(
+                "tapd holds as many file descriptors from clients as it takes; "
+                "none were kept; try again shortly"
+            )
+        return None
+
+    async def _serve_connection(
+        self, sock: socket.socket, conn: int, peer: Peer, log: Any, whose: str
+    ) -> None:
         lines = protocol.LineBuffer()
         seq = itertools.count(1)
-        timeout = self.config.server.request_timeout
+        server = self.config.server
+        timeout = server.request_timeout
+        # However busy, a connection ends at its lifetime: a hello every few
+        # seconds must not hold a slot for ever.
+        end_of_life = trio.current_time() + server.connection_lifetime
         # fds that arrived with bytes of a line not yet complete: they belong
         # to that line's request.
         pending: list[int] = []
         # The deadline covers a whole request, not each read, so a client that
         # trickles one byte at a time cannot hold a connection forever.
-        deadline = trio.current_time() + timeout
+        deadline = min(trio.current_time() + timeout, end_of_life)
         handled = 0
         try:
             while True:
@@ -252,30 +307,39 @@ class Server:
                 with trio.move_on_at(deadline):
                     received = await fdpass.recv(sock)
                 if received is None:
-                    log.info("connection.timeout", seconds=timeout)
+                    await self._time_out(sock, log, end_of_life)
+                    return
+                pending += received.fds
+                self._hold(peer.uid, len(received.fds))
+                if received.fds and not self.closers.healthy:
+                    # tapd could not let go of these fds now: refuse, loudly.
+                    log.warning(
+                        "request.refused",
+                        outcome="refused",
+                        code=FdsRefused.code,
+                        fds=len(received.fds),
+                        stuck_closers=len(self.closers.stuck),
+                    )
                     await self._reply_quietly(
                         sock,
-                        RequestTimeout(
-                            f"no complete request within {timeout:g} s; closing the connection"
+                        FdsRefused(
+                            "tapd takes no file descriptors right now: its closers are "
+                            "stuck on ones a client sent (the administrator has been "
+                            "told who); send the request without fds, or try again later"
                         ),
                     )
                     return
-                pending += received.fds
-                self.held_fds += len(received.fds)
-                if (
-                    received.truncated
-                    or len(pending) > MAX_FDS_PER_REQUEST
-                    or self.held_fds > self.fd_budget
-                ):
-                    log.warning("request.refused", outcome="refused", code=TooManyFds.code)
-                    await self._reply_quietly(
-                        sock,
-                        TooManyFds(
-                            f"too many file descriptors: one message carries at most "
-                            f"{MAX_FDS_PER_MSG} and one request at most "
-                            f"{MAX_FDS_PER_REQUEST}; none were kept"
-                        ),
+                refusal = self._too_many(peer.uid, len(pending), received.truncated)
+                if refusal is not None:
+                    log.warning(
+                        "request.refused",
+                        outcome="refused",
+                        code=refusal.code,
+                        fds=len(pending),
+                        uid_fds=self._held_per_uid[peer.uid],
+                        held_fds=self.held_fds,
                     )
+                    await self._reply_quietly(sock, refusal)
                     return
                 if not received.data:
                     return  # the peer closed its end
@@ -295,17 +359,34 @@ class Server:
                                 sock, line, fds, peer, log.bind(request=f"{conn}.{next(seq)}")
                             )
                         finally:
-                            close_all(fds)
-                            self.held_fds -= len(fds)
+                            self._let_go(peer.uid, fds, whose)
                             self._leave()
-                        deadline = trio.current_time() + timeout
+                        if trio.current_time() >= end_of_life:
+                            await self._time_out(sock, log, end_of_life)
+                            return
+                        deadline = min(trio.current_time() + timeout, end_of_life)
                 except LineTooLong as exc:
                     log.warning("request.refused", outcome="refused", code=exc.code)
                     await self._reply_quietly(sock, exc)
                     return
         finally:
-            close_all(pending)
-            self.held_fds -= len(pending)
+            self._let_go(peer.uid, pending, whose)
+
+    async def _time_out(self, sock: socket.socket, log: Any, end_of_life: float) -> None:
+        server = self.config.server
+        if trio.current_time() >= end_of_life:
+            lifetime = server.connection_lifetime
+            log.info("connection.timeout", lifetime=lifetime)
+            message = (
+                f"this connection has been open {lifetime:g} s, the most tapd allows "
+                "(server.connection_lifetime); closing it: connect again"
+            )
+        else:
+            log.info("connection.timeout", seconds=server.request_timeout)
+            message = (
+                f"no complete request within {server.request_timeout:g} s; closing the connection"
+            )
+        await self._reply_quietly(sock, RequestTimeout(message))
 
     async def _one(
         self,

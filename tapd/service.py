@@ -21,9 +21,9 @@ from typing import Any
 import trio
 from pydantic import BaseModel
 
-from . import PROTOCOL_VERSION, __version__, metrics, nft, owner, programs
+from . import PROTOCOL_VERSION, __version__, fdinfo, metrics, nft, owner, programs
 from .config import Config
-from .errors import Denied, InvalidValue, LeaseNotFound, TapdError
+from .errors import Denied, InvalidValue, LeaseNotFound, QuotaExceeded, TapdError
 from .fence import Fence, check_guest_ips, choose_mac
 from .leases import Lease, new_id
 from .lifecycle import Lifecycle
@@ -127,11 +127,17 @@ class _Owner:
         however many shells stand between (QEMU runs a helper string through
         sh -c, and dash forks rather than execs).  It must be the peer's own."""
         refused = Denied("the fd sent with bridge-helper is not QEMU's helper socket")
+        # Told from its /proc link first: any call on a FUSE file may wait for
+        # its server (tapd.fdinfo).  Socket options are answered by the socket.
+        if not fdinfo.is_socket(fd):
+            raise refused
         try:
             sock = socket.socket(fileno=fd)  # borrowed: detached below, never closed here
         except OSError:
             raise refused from None
         try:
+            if sock.family != socket.AF_UNIX:
+                raise refused
             pid, uid, _ = owner.peer_cred(sock)
             pidfd = owner.peer_pidfd(sock, pid)
         except OSError:
@@ -149,10 +155,28 @@ class _Owner:
 
     @classmethod
     def parent_of(cls, peer: Peer) -> _Owner:
+        """The peer's parent, for bridge-helper without a socket: only a
+        parent running as the peer's own uid (real and effective), or any
+        for root.  Otherwise a helper started under someone else's process
+        (a root daemon, another user's session) would give that process the
+        lease, and the tap would outlive the requester."""
         found = owner.parent(peer.pidfd, peer.pid) if peer.pidfd >= 0 else None
         if found is None:
             raise Denied("the requesting process's parent (its VMM) is gone")
-        return cls(*found)
+        pid, pidfd = found
+        uids = _uids(pid)
+        if uids is None or owner.exited(pidfd):
+            os.close(pidfd)
+            raise Denied("the requesting process's parent (its VMM) is gone")
+        if peer.uid != 0 and uids != (peer.uid, peer.uid):
+            os.close(pidfd)
+            raise Denied(
+                f"bridge-helper without a socket makes the caller's parent the lease "
+                f"owner, and the parent (pid {pid}) runs as uid {uids[1]} (real uid "
+                f"{uids[0]}), not as uid {peer.uid}; run the helper from your own "
+                "VMM, or send QEMU's helper socket with the request"
+            )
+        return cls(pid, pidfd)
 
     def take(self) -> int:
         pidfd, self.pidfd = self.pidfd, -1
@@ -165,6 +189,20 @@ class _Owner:
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
+
+
+def _uids(pid: int) -> tuple[int, int] | None:
+    """(real, effective) uid of ``pid`` from /proc/PID/status (proc(5)); the
+    caller confirms with a pidfd that the pid was not reused meanwhile."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    real, effective = line.split()[1:3]
+                    return int(real), int(effective)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _reply(made: MadeTap, fds: int, lease: Lease) -> TapReply | PrepareReply:
@@ -367,6 +405,7 @@ class Service:
         log = log.bind(bridge=what.bridge, queues=what.queues)
         held = self.lifecycle.registry.held_by(peer.uid) + self._making[peer.uid]
         decision = self.policy.check(peer, what.bridge, what.queues, held)
+        self._within_max_taps(peer)
         log = log.bind(rule=decision.rule)
         if decision.fence.mac_filtering and not mac_known:
             raise Denied(
@@ -404,6 +443,23 @@ class Service:
             self._making[peer.uid] -= 1
             if not self._making[peer.uid]:
                 del self._making[peer.uid]
+
+    def _within_max_taps(self, peer: Peer) -> None:
+        """[taps] max_taps: live taps over every uid but root.  A rule's own
+        max_taps is per uid, and a group rule matches every uid that keeps
+        the group (subordinate uids in a user namespace do): only a total
+        bounds what they can take together."""
+        limit = self.config.taps.max_taps
+        if limit is None or peer.uid == 0:
+            return
+        registry = self.lifecycle.registry
+        total = len(registry) - registry.held_by(0) + sum(self._making.values())
+        total -= self._making[0]
+        if total >= limit:
+            raise QuotaExceeded(
+                f"tapd already serves {total} taps to users, the most it may "
+                f"(taps.max_taps = {limit}); try again once some have ended"
+            ).about(rule="taps.max_taps")
 
     def _program(self, kind: str, table: dict[str, str], name: str) -> str:
         path = table.get(name)

@@ -18,7 +18,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from . import log, tun
+from . import fdinfo, log, tun
 from .errors import (
     Denied,
     IfnameTaken,
@@ -383,6 +383,13 @@ class KernelTaps:
         """
         infos = []
         for i, fd in enumerate(spec.fds):
+            # What the fd is, from procfs, before any ioctl on it: an ioctl on
+            # a FUSE file waits for a server its sender may write (tapd.fdinfo).
+            if fdinfo.tun_name(fd) is None:
+                raise NotATap(
+                    f"fd #{i} sent with the request is not a tap queue "
+                    f"(the kernel says it is {fdinfo.link(fd) or 'nothing'})"
+                )
             try:
                 info = tun.tap_info(fd)
             except KernelError as exc:

@@ -382,7 +382,9 @@ def test_a_client_that_never_reads_its_replies_is_let_go(ns_br0: str, tmp_path: 
 
 
 def test_max_connections_turns_away_one_more(ns_br0: str, tmp_path: Path) -> None:
-    with run_daemon(ns_br0, tmp_path, "[server]\nmax_connections = 5\n") as d:
+    # These clients are root's: without its reserve, root is turned away like anyone.
+    config = "[server]\nmax_connections = 5\nroot_reserved_connections = 0\n"
+    with run_daemon(ns_br0, tmp_path, config) as d:
         held = [connect(d) for _ in range(5)]
         try:
             for sock in held:  # admitted: each is answered
@@ -391,9 +393,11 @@ def test_max_connections_turns_away_one_more(ns_br0: str, tmp_path: Path) -> Non
             with connect(d) as extra:
                 replies = read_replies(extra)
             assert [r["error"]["code"] for r in replies] == ["overloaded"]
-            with pytest.raises(client.ClientError) as exc:
+            # tapd's refusal may overtake the request: the client library's
+            # send then fails (EPIPE) before it reads tapd's "overloaded".
+            with pytest.raises((client.ClientError, BrokenPipeError)) as exc:
                 d.request(br="br0")
-            assert exc.value.code == "overloaded"
+            assert isinstance(exc.value, BrokenPipeError) or exc.value.code == "overloaded"
             for sock in held:  # the five still work
                 sock.sendall(b'{"op": "request", "br": "br0"}\n')
                 got = fdpass.recv_sync(sock)

@@ -279,3 +279,29 @@ def test_ifname_prefix_is_unset_by_default() -> None:
 def test_an_ifname_prefix_no_name_could_start_with_is_refused(prefix: str, says: str) -> None:
     problem = only_problem(f'[taps]\nifname_prefix = "{prefix}"\n')
     assert problem.startswith("taps.ifname_prefix:") and says in problem, problem
+
+
+# -- budgets and closers (issue 11) ------------------------------------------------------
+
+
+def test_budget_defaults_leave_room_for_others_and_root() -> None:
+    server = config.load(None).server
+    assert 2 * server.max_connections_per_uid < server.max_connections
+    assert server.root_reserved_connections > 0
+    assert server.connection_lifetime > server.request_timeout
+    assert config.load(None).taps.max_taps == 4096
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("[server]\nmax_stuck_closers = 0\n", "server.max_stuck_closers"),
+        ("[server]\ncloser_timeout = 0\n", "server.closer_timeout"),
+        ("[server]\nmax_fds_per_uid = 0\n", "server.max_fds_per_uid"),
+        ("[server]\nconnection_lifetime = -1\n", "server.connection_lifetime"),
+        ("[server]\nroot_reserved_connections = -1\n", "server.root_reserved_connections"),
+        ("[taps]\nmax_taps = 0\n", "taps.max_taps"),
+    ],
+)
+def test_budget_keys_are_checked(text: str, where: str) -> None:
+    assert only_problem(text).startswith(where)
