@@ -1,4 +1,12 @@
-"""``tapctl``: ask tapd for a tap from the shell, and run a VMM with it."""
+"""``tapctl`` and ``tapd-bridge-helper``: ask tapd for a tap from the shell, and
+run a VMM with it.
+
+Both start once per VM, so they import the standard library only (through
+:mod:`tapd.client`), and ``tapd-bridge-helper`` reads QEMU's three arguments
+itself rather than load argparse.  No traceback reaches a user: tapd's
+refusals and the client's own failures print one line with their code, and
+anything unexpected prints one line too (``TAPD_DEBUG=1`` shows where).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +16,35 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
 
-from . import client, fdpass
-from .config import DEFAULT_SOCKET
+from . import __version__, client, scm
+from .exchange import LocalError
+from .wire import DEFAULT_SOCKET
+
+TYPE_CHECKING = False  # typing costs a client ~2 ms to import; mypy reads this as usual
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+#: sysexits.h EX_SOFTWARE: a bug in tapctl, not a refusal
+EX_SOFTWARE = 70
+
+
+class BadNetdev(LocalError):
+    """``--netdev`` is not a QEMU option string tapctl can send."""
+
+    CODE = "bad-netdev"
+
+
+class NoSuchFd(LocalError):
+    """The command names a placeholder for fds tapd did not return."""
+
+    CODE = "no-such-fd"
+
+
+class HandoffFailed(LocalError):
+    """The helper has its tap but cannot pass it to QEMU on --fd."""
+
+    CODE = "handoff-failed"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,8 +54,10 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help=f"tapd's socket (default: ${client.ENV_SOCKET}, else {DEFAULT_SOCKET})",
     )
+    p.add_argument("--version", action="version", version=f"tapctl {__version__}")
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-    verbs.add_parser("hello", help="show the daemon's protocol and version")
+    hello = verbs.add_parser("hello", help="show the daemon's protocol, version and ops")
+    hello.add_argument("--json", action="store_true", help="print the reply as JSON")
     req = verbs.add_parser(
         "request",
         help="get a tap on a bridge, and optionally run a command with it",
@@ -61,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     lst.add_argument("--json", action="store_true", help="print a JSON list of leases")
     rel = verbs.add_parser("release", help="end a lease now: its tap is removed")
     rel.add_argument("lease", metavar="ID|IFNAME")
+    rel.add_argument("--json", action="store_true", help="print the ended lease as JSON")
     st = verbs.add_parser("status", help="how the daemon is doing")
     st.add_argument("--json", action="store_true", help="print the reply as JSON")
     helper = verbs.add_parser(
@@ -72,14 +108,10 @@ def _parser() -> argparse.ArgumentParser:
             "it back on fd N.  The lease belongs to QEMU, the parent process."
         ),
     )
-    _helper_arguments(helper)
+    helper.add_argument("--use-vnet", action="store_true", help="give the tap IFF_VNET_HDR")
+    helper.add_argument("--fd", type=int, required=True, help="socket to send the tap fd on")
+    helper.add_argument("--br", help="bridge (QEMU's default: br0)")
     return p
-
-
-def _helper_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--use-vnet", action="store_true", help="give the tap IFF_VNET_HDR")
-    p.add_argument("--fd", type=int, required=True, help="socket to send the tap fd on")
-    p.add_argument("--br", help="bridge (QEMU's default: br0)")
 
 
 def substitute(args: Sequence[str], grant: client.TapGrant) -> list[str]:
@@ -97,9 +129,7 @@ def substitute(args: Sequence[str], grant: client.TapGrant) -> list[str]:
         for key, value in values.items():
             if key in arg:
                 if value is None:
-                    raise client.ClientError(
-                        "no-such-fd", f"{key} is used, but tapd returned no such fd"
-                    )
+                    raise NoSuchFd(f"{key} is used, but tapd returned no such fd")
                 arg = arg.replace(key, value)
         out.append(arg)
     return out
@@ -109,12 +139,14 @@ def _print_reply(reply: dict[str, object], as_json: bool) -> None:
     if as_json:
         print(json.dumps(reply))
         return
+    # An adopted tap's reply (fd=/fds=) may say less: print what it says.
     print(
-        f"{reply['ifname']}: bridge {reply['bridge']} mac {reply['mac']} mtu {reply['mtu']} "
-        f"queues {reply['fds']} vhostfds {reply.get('vhostfds', 0)} "
-        f"vnet_hdr {'on' if reply.get('vnet_hdr') else 'off'}"
+        f"{reply.get('ifname')}: bridge {reply.get('bridge')} mac {reply.get('mac', '-')} "
+        f"mtu {reply.get('mtu', '-')} queues {reply.get('fds', 0)} "
+        f"vhostfds {reply.get('vhostfds', 0)} vnet_hdr {'on' if reply.get('vnet_hdr') else 'off'}"
     )
-    for warning in reply.get("warnings") or ():  # type: ignore[attr-defined]
+    warnings = reply.get("warnings")
+    for warning in warnings if isinstance(warnings, list) else ():
         print(f"warning: {warning}", file=sys.stderr)
 
 
@@ -153,21 +185,17 @@ def parse_netdev(text: str) -> dict[str, object]:
             continue
         key, sep, value = part.partition("=")
         if not sep:
-            raise client.ClientError("bad-netdev", f"--netdev: {part!r} is not key=value")
+            raise BadNetdev(f"--netdev: {part!r} is not key=value")
         if key in ("type", "id"):
             continue
         if key in _INT_KEYS:
             try:
                 options[key] = int(value, 0)
             except ValueError:
-                raise client.ClientError(
-                    "bad-netdev", f"--netdev: {key}={value!r} is not a number"
-                ) from None
+                raise BadNetdev(f"--netdev: {key}={value!r} is not a number") from None
         elif key in _BOOL_KEYS:
             if value.lower() not in _BOOLS:
-                raise client.ClientError(
-                    "bad-netdev", f"--netdev: {key}={value!r} is not on or off"
-                )
+                raise BadNetdev(f"--netdev: {key}={value!r} is not on or off")
             options[key] = _BOOLS[value.lower()]
         else:
             options[key] = value
@@ -182,9 +210,7 @@ def _fd_numbers(options: dict[str, object]) -> list[int]:
         if isinstance(value, str):
             for name in value.split(":"):
                 if not name.isdigit():
-                    raise client.ClientError(
-                        "bad-netdev", f"--netdev: {key}= must name fds by number here"
-                    )
+                    raise BadNetdev(f"--netdev: {key}= must name fds by number here")
                 numbers.append(int(name))
     return numbers
 
@@ -247,65 +273,160 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(reply))
         return 0
+    # "config" is absent when tapd runs on its built-in defaults.
     print(
-        f"tapd {reply['version']} (protocol {reply['protocol']}): up {reply['uptime']:.0f}s, "
-        f"{reply['leases']} leases, {reply['connections']} connections, "
-        f"config {reply['config'] or '(built-in)'}"
+        f"tapd {reply.get('version')} (protocol {reply.get('protocol')}): "
+        f"up {float(reply.get('uptime', 0)):.0f}s, {reply.get('leases')} leases, "
+        f"{reply.get('connections')} connections, "
+        f"config {reply.get('config') or '(built-in defaults)'}"
     )
     return 0
 
 
-def _helper(args: argparse.Namespace) -> int:
+def _hello(args: argparse.Namespace) -> int:
+    reply = client.hello(path=args.socket)
+    if args.json:
+        print(json.dumps(reply))
+        return 0
+    ops = reply.get("ops")
+    print(
+        f"tapd {reply.get('version')} (protocol {reply.get('protocol')}): ops "
+        + ", ".join(map(str, ops if isinstance(ops, list) else ()))
+    )
+    return 0
+
+
+def _release(args: argparse.Namespace) -> int:
+    lease = client.release(args.lease, path=args.socket)
+    if args.json:
+        print(json.dumps(lease))
+    else:
+        print(f"released {lease.get('id')} ({lease.get('ifname')})")
+    return 0
+
+
+def _helper(socket_path: str | None, br: str | None, use_vnet: bool, fd: int) -> int:
     """QEMU's side of net_bridge_run_helper(): one byte with the fd, exit 0."""
     # As qemu-bridge-helper: --use-vnet means IFF_VNET_HDR if the kernel has it.
-    vnet_hdr = None if args.use_vnet else False
-    grant = client.bridge_helper(args.br, vnet_hdr, args.fd, path=args.socket)
+    vnet_hdr = None if use_vnet else False
+    grant = client.bridge_helper(br, vnet_hdr, fd, path=socket_path)
     try:
-        with socket.socket(fileno=args.fd) as sock:
-            fdpass.send_line_sync(sock, b"\0", grant.tap_fds)
+        with socket.socket(fileno=fd) as sock:
+            scm.send_line_sync(sock, b"\0", grant.tap_fds)
     except OSError as exc:
-        raise client.ClientError(
-            "helper", f"cannot hand the tap to QEMU on fd {args.fd}: {exc}"
-        ) from None
+        raise HandoffFailed(f"cannot hand the tap to QEMU on fd {fd}: {exc}") from None
     finally:
         grant.close()
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+_VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "hello": _hello,
+    "list": _list,
+    "release": _release,
+    "status": _status,
+    "request": _request,
+    "helper": lambda args: _helper(args.socket, args.br, args.use_vnet, args.fd),
+}
+
+
+def _guarded(prog: str, run: Callable[[], int]) -> int:
+    """Run a command line; whatever goes wrong is one line on stderr."""
     try:
-        if args.verb == "hello":
-            print(json.dumps(client.hello(path=args.socket)))
-            return 0
-        if args.verb == "list":
-            return _list(args)
-        if args.verb == "release":
-            lease = client.release(args.lease, path=args.socket)
-            print(f"released {lease['id']} ({lease['ifname']})")
-            return 0
-        if args.verb == "status":
-            return _status(args)
-        if args.verb == "helper":
-            return _helper(args)
-        return _request(args)
+        return run()
     except client.ClientError as exc:
-        print(f"tapctl: {exc.message} [{exc.code}]", file=sys.stderr)
+        _say(f"{prog}: {exc.message} [{exc.code}]")
         return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # Whoever read our output stopped (tapctl list | head): not an error
+        # worth a word.  Point stdout at /dev/null so that the flush at exit
+        # does not fail again (the Python docs' "Note on SIGPIPE").
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except Exception as exc:
+        if os.environ.get("TAPD_DEBUG"):
+            raise
+        _say(
+            f"{prog}: unexpected error: {type(exc).__name__}: {exc} "
+            "(a bug; run with TAPD_DEBUG=1 for the traceback)"
+        )
+        return EX_SOFTWARE
 
 
-def bridge_helper_main() -> int:
+def _say(line: str) -> None:
+    try:  # noqa: SIM105 (contextlib: one more import for a process started per VM)
+        print(line, file=sys.stderr)
+    except OSError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    def run() -> int:
+        args = _parser().parse_args(argv)
+        return _VERBS[args.verb](args)
+
+    return _guarded("tapctl", run)
+
+
+HELPER_USAGE = """\
+usage: tapd-bridge-helper [--socket PATH] [--use-vnet] --fd=N [--br=BRIDGE]
+
+QEMU's bridge helper, asking tapd instead of being setuid: QEMU runs it with
+--use-vnet --fd=N --br=BR, and it sends the tap back on fd N.  The socket is
+--socket, else $TAPD_SOCKET, else /run/tapd.sock.
+"""
+
+
+def parse_helper_args(argv: Sequence[str]) -> tuple[str | None, str | None, bool, int] | str:
+    """(socket, bridge, use_vnet, fd) from the helper's arguments, or what is
+    wrong with them.  Each option as ``--opt=value`` (QEMU's and libvirt's
+    spelling) or ``--opt value``."""
+    values: dict[str, str] = {}
+    use_vnet = False
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--use-vnet":
+            use_vnet = True
+            continue
+        name, eq, value = arg.partition("=")
+        if name not in ("--fd", "--br", "--socket"):
+            return f"unknown argument {arg!r}"
+        if not eq:
+            if not args:
+                return f"{name} needs a value"
+            value = args.pop(0)
+        values[name] = value
+    fd = values.get("--fd")
+    if fd is None:
+        return "--fd=N is required (QEMU passes it)"
+    if not fd.isdigit():
+        return f"--fd={fd!r} is not a file descriptor number"
+    return values.get("--socket"), values.get("--br"), use_vnet, int(fd)
+
+
+def bridge_helper_main(argv: list[str] | None = None) -> int:
     """``tapd-bridge-helper``: the helper as a single executable path, for
     ``-netdev bridge,helper=/usr/local/bin/tapd-bridge-helper``."""
-    p = argparse.ArgumentParser(prog="tapd-bridge-helper", description=_helper.__doc__)
-    p.add_argument("--socket", metavar="PATH", help="tapd's socket")
-    _helper_arguments(p)
-    args = p.parse_args()
-    try:
-        return _helper(args)
-    except client.ClientError as exc:
-        print(f"tapd-bridge-helper: {exc.message} [{exc.code}]", file=sys.stderr)
-        return 1
+    args = sys.argv[1:] if argv is None else argv
+    if "-h" in args or "--help" in args:
+        print(HELPER_USAGE, end="")
+        return 0
+    if "--version" in args:
+        print(f"tapd-bridge-helper {__version__}")
+        return 0
+
+    def run() -> int:
+        parsed = parse_helper_args(args)
+        if isinstance(parsed, str):
+            _say(f"{HELPER_USAGE.splitlines()[0]}\ntapd-bridge-helper: {parsed}")
+            return 2
+        return _helper(*parsed)
+
+    return _guarded("tapd-bridge-helper", run)
 
 
 if __name__ == "__main__":
