@@ -28,6 +28,7 @@ from .exchange import (
     Exchange,
     LocalError,
     ReplyFdsDropped,
+    SendFailed,
     TapGrant,
     Timeout,
     Unreachable,
@@ -38,6 +39,7 @@ from .exchange import (
     lease_of,
     leases_of,
     no_answer,
+    send_failed,
     socket_path,
     tap_grant,
     tap_request,
@@ -56,6 +58,7 @@ __all__ = [
     "Disconnected",
     "LocalError",
     "ReplyFdsDropped",
+    "SendFailed",
     "TapGrant",
     "Timeout",
     "Unreachable",
@@ -100,10 +103,14 @@ def call(
             sock.connect(where)
         except OSError as exc:
             raise connect_failed(where, exc) from None
-        try:  # noqa: SIM105 (contextlib: one more import for a process started per VM)
+        try:
             scm.send_line_sync(sock, exchange.line, exchange.fds)
         except (BrokenPipeError, ConnectionResetError):
             pass  # tapd may have answered before it closed (overloaded): read on
+        except BlockingIOError:
+            raise  # SO_SNDTIMEO: below
+        except OSError as exc:
+            raise send_failed(exc) from None
         while True:
             try:
                 chunk = scm.recv_sync(sock)

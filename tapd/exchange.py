@@ -84,6 +84,13 @@ class Timeout(LocalError):
     CODE = "client-timeout"
 
 
+class SendFailed(LocalError):
+    """The request could not be sent: most often an fd the caller named to
+    send along is not open."""
+
+    CODE = "send-failed"
+
+
 class Disconnected(LocalError):
     """tapd closed the connection before its reply was complete."""
 
@@ -113,6 +120,12 @@ def connect_failed(where: str, exc: OSError) -> LocalError:
     return Unreachable(
         f"cannot connect to tapd at {where}: {exc.strerror or exc}; is tapd "
         f"running? (set --socket or ${ENV_SOCKET} if it listens elsewhere)"
+    )
+
+
+def send_failed(exc: OSError) -> SendFailed:
+    return SendFailed(
+        f"could not send the request: {exc.strerror or exc} (are the fds named to send open?)"
     )
 
 

@@ -10,7 +10,6 @@ anything unexpected prints one line too (``TAPD_DEBUG=1`` shows where).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -23,6 +22,7 @@ from .wire import DEFAULT_SOCKET
 
 TYPE_CHECKING = False  # typing costs a client ~2 ms to import; mypy reads this as usual
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Callable, Sequence
 
 #: sysexits.h EX_SOFTWARE: a bug in tapctl, not a refusal
@@ -48,6 +48,8 @@ class HandoffFailed(LocalError):
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse  # here: tapd-bridge-helper, which shares this module, never needs it
+
     p = argparse.ArgumentParser(prog="tapctl", description="Talk to tapd.")
     p.add_argument(
         "--socket",
@@ -309,14 +311,19 @@ def _helper(socket_path: str | None, br: str | None, use_vnet: bool, fd: int) ->
     """QEMU's side of net_bridge_run_helper(): one byte with the fd, exit 0."""
     # As qemu-bridge-helper: --use-vnet means IFF_VNET_HDR if the kernel has it.
     vnet_hdr = None if use_vnet else False
-    grant = client.bridge_helper(br, vnet_hdr, fd, path=socket_path)
     try:
-        with socket.socket(fileno=fd) as sock:
-            scm.send_line_sync(sock, b"\0", grant.tap_fds)
+        # Before asking tapd: a tap that could not be handed over is no use.
+        vmm = socket.socket(fileno=fd)
     except OSError as exc:
-        raise HandoffFailed(f"cannot hand the tap to QEMU on fd {fd}: {exc}") from None
-    finally:
-        grant.close()
+        raise HandoffFailed(f"--fd={fd} is not a socket from QEMU: {exc.strerror}") from None
+    with vmm:
+        grant = client.bridge_helper(br, vnet_hdr, fd, path=socket_path)
+        try:
+            scm.send_line_sync(vmm, b"\0", grant.tap_fds)
+        except OSError as exc:
+            raise HandoffFailed(f"cannot hand the tap to QEMU on fd {fd}: {exc}") from None
+        finally:
+            grant.close()
     return 0
 
 
