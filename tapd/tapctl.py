@@ -340,7 +340,9 @@ _VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
 def _guarded(prog: str, run: Callable[[], int]) -> int:
     """Run a command line; whatever goes wrong is one line on stderr."""
     try:
-        return run()
+        code = run()
+        sys.stdout.flush()  # here, not at exit, where a closed pipe would be a traceback
+        return code
     except client.ClientError as exc:
         _say(f"{prog}: {exc.message} [{exc.code}]")
         return 1
