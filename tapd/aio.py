@@ -234,43 +234,58 @@ async def call(
 
 
 async def request_tap(
-    *, path: str | None = None, send_fds: Sequence[int] = (), **options: Any
+    *,
+    path: str | None = None,
+    send_fds: Sequence[int] = (),
+    timeout: float | None = 60.0,
+    **options: Any,
 ) -> TapGrant:
     """Ask for a tap, as :func:`tapd.client.request_tap`."""
-    return tap_grant(*await call(tap_request(options), path=path, fds=send_fds))
+    return tap_grant(*await call(tap_request(options), path=path, fds=send_fds, timeout=timeout))
 
 
-async def _simple(request: dict[str, Any], path: str | None) -> dict[str, Any]:
-    reply, fds = await call(request, path=path)
+async def _simple(
+    request: dict[str, Any], path: str | None, timeout: float | None
+) -> dict[str, Any]:
+    reply, fds = await call(request, path=path, timeout=timeout)
     scm.close_all(fds)
     return reply
 
 
-async def hello(*, path: str | None = None) -> dict[str, Any]:
+async def hello(*, path: str | None = None, timeout: float | None = 60.0) -> dict[str, Any]:
     """The daemon's protocol, version and ops."""
-    return await _simple({"op": "hello"}, path)
+    return await _simple({"op": "hello"}, path, timeout)
 
 
-async def leases(*, path: str | None = None) -> list[dict[str, Any]]:
+async def leases(*, path: str | None = None, timeout: float | None = 60.0) -> list[dict[str, Any]]:
     """Your leases (root: every lease)."""
-    return leases_of(await _simple({"op": "list"}, path))
+    return leases_of(await _simple({"op": "list"}, path, timeout))
 
 
-async def release(lease: str, *, path: str | None = None) -> dict[str, Any]:
+async def release(
+    lease: str, *, path: str | None = None, timeout: float | None = 60.0
+) -> dict[str, Any]:
     """End one of your leases by id or ifname: its tap is removed at once."""
-    return lease_of(await _simple({"op": "release", "lease": lease}, path))
+    return lease_of(await _simple({"op": "release", "lease": lease}, path, timeout))
 
 
-async def status(*, path: str | None = None) -> dict[str, Any]:
+async def status(*, path: str | None = None, timeout: float | None = 60.0) -> dict[str, Any]:
     """The daemon's version, uptime, counts and config file (absent on the
     built-in defaults)."""
-    return await _simple({"op": "status"}, path)
+    return await _simple({"op": "status"}, path, timeout)
 
 
 async def bridge_helper(
-    br: str | None, vnet_hdr: bool | None, vmm_socket: int | None = None, *, path: str | None = None
+    br: str | None,
+    vnet_hdr: bool | None,
+    vmm_socket: int | None = None,
+    *,
+    path: str | None = None,
+    timeout: float | None = 60.0,
 ) -> TapGrant:
     """A tap whose lease belongs to this process's parent (QEMU's helper
     protocol), as :func:`tapd.client.bridge_helper`."""
     fds = [] if vmm_socket is None else [vmm_socket]
-    return helper_grant(*await call(helper_request(br, vnet_hdr), path=path, fds=fds))
+    return helper_grant(
+        *await call(helper_request(br, vnet_hdr), path=path, fds=fds, timeout=timeout)
+    )

@@ -126,45 +126,54 @@ def call(
 
 
 def request_tap(
-    *, path: str | None = None, send_fds: Sequence[int] = (), **options: Any
+    *,
+    path: str | None = None,
+    send_fds: Sequence[int] = (),
+    timeout: float | None = 60.0,
+    **options: Any,
 ) -> TapGrant:
     """Ask for a tap.  ``options`` are QEMU's ``-netdev tap`` keys (use
     ``poll_us`` for ``poll-us``); None values are left out.  With ``fd=`` or
     ``fds=``, ``send_fds`` are the tap fds to attach, in the order named."""
-    return tap_grant(*call(tap_request(options), path=path, fds=send_fds))
+    return tap_grant(*call(tap_request(options), path=path, fds=send_fds, timeout=timeout))
 
 
-def _simple(request: dict[str, Any], path: str | None) -> dict[str, Any]:
-    reply, fds = call(request, path=path)
+def _simple(request: dict[str, Any], path: str | None, timeout: float | None) -> dict[str, Any]:
+    reply, fds = call(request, path=path, timeout=timeout)
     scm.close_all(fds)
     return reply
 
 
-def hello(*, path: str | None = None) -> dict[str, Any]:
+def hello(*, path: str | None = None, timeout: float | None = 60.0) -> dict[str, Any]:
     """The daemon's protocol, version and ops."""
-    return _simple({"op": "hello"}, path)
+    return _simple({"op": "hello"}, path, timeout)
 
 
-def leases(*, path: str | None = None) -> list[dict[str, Any]]:
+def leases(*, path: str | None = None, timeout: float | None = 60.0) -> list[dict[str, Any]]:
     """Your leases (root: every lease)."""
-    return leases_of(_simple({"op": "list"}, path))
+    return leases_of(_simple({"op": "list"}, path, timeout))
 
 
-def release(lease: str, *, path: str | None = None) -> dict[str, Any]:
+def release(lease: str, *, path: str | None = None, timeout: float | None = 60.0) -> dict[str, Any]:
     """End one of your leases by id or ifname: its tap is removed at once."""
-    return lease_of(_simple({"op": "release", "lease": lease}, path))
+    return lease_of(_simple({"op": "release", "lease": lease}, path, timeout))
 
 
-def status(*, path: str | None = None) -> dict[str, Any]:
+def status(*, path: str | None = None, timeout: float | None = 60.0) -> dict[str, Any]:
     """The daemon's version, uptime, lease and connection counts, and its
     config file (the key is absent on the built-in defaults)."""
-    return _simple({"op": "status"}, path)
+    return _simple({"op": "status"}, path, timeout)
 
 
 def bridge_helper(
-    br: str | None, vnet_hdr: bool | None, vmm_socket: int | None = None, *, path: str | None = None
+    br: str | None,
+    vnet_hdr: bool | None,
+    vmm_socket: int | None = None,
+    *,
+    path: str | None = None,
+    timeout: float | None = 60.0,
 ) -> TapGrant:
     """A tap for the QEMU that ran this helper (QEMU's helper protocol).
     ``vmm_socket`` is the socket QEMU passed as --fd: it names QEMU to tapd."""
     fds = [] if vmm_socket is None else [vmm_socket]
-    return helper_grant(*call(helper_request(br, vnet_hdr), path=path, fds=fds))
+    return helper_grant(*call(helper_request(br, vnet_hdr), path=path, fds=fds, timeout=timeout))

@@ -24,6 +24,7 @@ TYPE_CHECKING = False  # typing costs a client ~2 ms to import; mypy reads this 
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable, Sequence
+    from typing import Any
 
 #: sysexits.h EX_SOFTWARE: a bug in tapctl, not a refusal
 EX_SOFTWARE = 70
@@ -221,7 +222,7 @@ def _request(args: argparse.Namespace) -> int:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
-    options = parse_netdev(args.netdev) if args.netdev else {}
+    options: dict[str, Any] = parse_netdev(args.netdev) if args.netdev else {}
     for key in (
         "br", "ifname", "queues", "vnet_hdr", "sndbuf", "vhost", "vhostforce",
         "script", "downscript", "helper",
