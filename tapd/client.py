@@ -14,7 +14,7 @@ daemon's code, or a :class:`LocalError` subclass for a failure on this side.
 
 from __future__ import annotations
 
-import socket
+import _socket
 import struct
 
 from . import scm
@@ -88,7 +88,8 @@ def call(
     where = socket_path(path)
     check_timeout(timeout)
     exchange = Exchange(request, fds)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    # _socket: the C module socket.py wraps (see tapd.scm for why).
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
         if timeout is not None:
             # Timeouts kept by the kernel (SO_SNDTIMEO also bounds a UNIX
@@ -97,8 +98,8 @@ def call(
             # over: PEP 475 retries the call.)
             seconds = max(timeout, 1e-6)  # a zero timeval means "wait forever"
             timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, timeval)
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, timeval)
         try:
             sock.connect(where)
         except OSError as exc:

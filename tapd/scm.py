@@ -14,9 +14,12 @@ cannot cut or read a message differently.
 
 from __future__ import annotations
 
+import _socket
 import array
 import os
-import socket
+
+# _socket is the C module socket.py wraps: the wrapper's enums and its import of
+# selectors cost a process started per VM 2 ms, a tenth of an interpreter start.
 
 TYPE_CHECKING = False  # typing costs a client ~2 ms to import; mypy reads this as usual
 if TYPE_CHECKING:
@@ -27,7 +30,7 @@ MAX_FDS_PER_MSG = 253
 
 _INT_SIZE = array.array("i").itemsize
 #: room for a full message of fds in every recvmsg
-ANCBUF = socket.CMSG_SPACE(MAX_FDS_PER_MSG * _INT_SIZE)
+ANCBUF = _socket.CMSG_SPACE(MAX_FDS_PER_MSG * _INT_SIZE)
 RECV_BYTES = 65536
 
 
@@ -60,14 +63,14 @@ def ancillary(fds: list[int]) -> list[tuple[int, int, bytes]]:
     """``sendmsg``'s ancillary data for ``fds`` (none for no fds)."""
     if not fds:
         return []
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+    return [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
 
 
 def unpack(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     """The fds in a recvmsg's ancillary data (whole ints only)."""
     fds: list[int] = []
     for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             whole = len(data) - len(data) % _INT_SIZE
             fds.extend(array.array("i", data[:whole]))
     return fds
@@ -92,10 +95,10 @@ class Received:
 def received(result: tuple[bytes, list[tuple[int, int, bytes]], int, object]) -> Received:
     """What a ``recvmsg(nbytes, ANCBUF, MSG_CMSG_CLOEXEC)`` returned, as a :class:`Received`."""
     data, ancdata, flags, _ = result
-    return Received(data, unpack(ancdata), bool(flags & socket.MSG_CTRUNC))
+    return Received(data, unpack(ancdata), bool(flags & _socket.MSG_CTRUNC))
 
 
-def send_line_sync(sock: socket.socket, line: bytes, fds: Sequence[int]) -> None:
+def send_line_sync(sock: _socket.socket, line: bytes, fds: Sequence[int]) -> None:
     """Send one line with ``fds`` on blocking ``sock``.  The caller still owns
     (and closes) the fds."""
     for piece, run in plan(line, fds):
@@ -104,6 +107,6 @@ def send_line_sync(sock: socket.socket, line: bytes, fds: Sequence[int]) -> None
             sock.sendall(piece[sent:])
 
 
-def recv_sync(sock: socket.socket, nbytes: int = RECV_BYTES) -> Received:
+def recv_sync(sock: _socket.socket, nbytes: int = RECV_BYTES) -> Received:
     """What blocking ``sock`` has, waiting until it has something (b"" at its end)."""
-    return received(sock.recvmsg(nbytes, ANCBUF, socket.MSG_CMSG_CLOEXEC))
+    return received(sock.recvmsg(nbytes, ANCBUF, _socket.MSG_CMSG_CLOEXEC))
