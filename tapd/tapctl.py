@@ -376,8 +376,29 @@ def _say(line: str) -> None:
         pass
 
 
+def _as_qemu_runs_helper(argv: list[str]) -> tuple[str | None, str | None, bool, int] | None:
+    """``tapctl [--socket PATH] helper --use-vnet --fd=N --br=BR``, the form
+    QEMU runs once per VM start, read without argparse (whose import and
+    parser cost more than the rest of the helper's Python).  None for any
+    other command line, which argparse then reads as usual."""
+    socket_path = None
+    if argv[:1] == ["--socket"] and len(argv) > 2:
+        socket_path, argv = argv[1], argv[2:]
+    elif argv[:1] and argv[0].startswith("--socket="):
+        socket_path, argv = argv[0].partition("=")[2], argv[1:]
+    if argv[:1] != ["helper"]:
+        return None
+    parsed = parse_helper_args(argv[1:])
+    if isinstance(parsed, str) or parsed[0] is not None:  # an error, or --socket after the verb
+        return None
+    return (socket_path, *parsed[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     def run() -> int:
+        qemus = _as_qemu_runs_helper(sys.argv[1:] if argv is None else argv)
+        if qemus is not None:
+            return _helper(*qemus)
         args = _parser().parse_args(argv)
         return _VERBS[args.verb](args)
 

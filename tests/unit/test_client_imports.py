@@ -42,6 +42,12 @@ from tapd.tapctl import bridge_helper_main
 ours, qemus = socket.socketpair()
 assert bridge_helper_main(["--socket", P, "--use-vnet", f"--fd={qemus.detach()}", "--br=br0"]) == 0
 """,
+    "tapctl helper": """
+import socket
+from tapd.tapctl import main
+ours, qemus = socket.socketpair()
+assert main(["--socket", P, "helper", "--use-vnet", f"--fd={qemus.detach()}", "--br=br0"]) == 0
+""",
     "tapctl": """
 from tapd.tapctl import main
 for verb in (["request", "--br", "br0"], ["hello"], ["status"], ["list"], ["release", "x"]):
@@ -95,7 +101,7 @@ def test_entry_point_loads_only_the_standard_library(
     assert not foreign, f"{entry} loads modules outside the standard library: {foreign}"
 
 
-@pytest.mark.parametrize("entry", ["tapd.client", "tapd-bridge-helper"])
+@pytest.mark.parametrize("entry", ["tapd.client", "tapd-bridge-helper", "tapctl helper"])
 def test_per_vm_paths_stay_lean(entry: str, fake: FakeTapd, bare: set[str]) -> None:
     new = loaded_by(CALLS[entry], fake.path) - bare
     assert not new & COSTLY, f"{entry} loads {sorted(new & COSTLY)}"

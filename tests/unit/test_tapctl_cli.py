@@ -193,3 +193,37 @@ def test_helper_checks_its_fd_before_asking_tapd() -> None:
 )
 def test_helper_arguments(argv: list[str], parsed: tuple[object, ...]) -> None:
     assert tapctl.parse_helper_args(argv) == parsed
+
+
+@pytest.mark.parametrize(
+    ("argv", "parsed"),
+    [
+        (["--socket", "/s", "helper", "--use-vnet", "--fd=5", "--br=br0"], ("/s", "br0", True, 5)),
+        (["--socket=/s", "helper", "--fd=5"], ("/s", None, False, 5)),
+        (["helper", "--br=br1", "--fd=5"], (None, "br1", False, 5)),
+        # argparse reads everything else, and says what is wrong
+        (["helper", "--fd=x"], None),
+        (["helper", "--socket", "/s", "--fd=5"], None),
+        (["helper", "--help"], None),
+        (["status"], None),
+        (["--socket", "helper"], None),
+    ],
+)
+def test_tapctl_helper_as_qemu_runs_it(argv: list[str], parsed: object) -> None:
+    assert tapctl._as_qemu_runs_helper(argv) == parsed
+
+
+def test_tapctl_helper_through_a_shell_as_qemu_runs_it() -> None:
+    """-netdev bridge,helper="tapctl --socket S helper": QEMU appends its
+    arguments and runs the line with sh -c."""
+    ours, qemus = socket.socketpair()
+    with fake_tapd() as fake, ours, qemus:
+        line = f"{TAPCTL} --socket {fake.path} helper --use-vnet --fd={qemus.fileno()} --br=br0"
+        out = subprocess.run(
+            ["sh", "-c", line], pass_fds=(qemus.fileno(),), capture_output=True, text=True,
+            timeout=60, check=False,
+        )  # fmt: skip
+        data, ancdata, _, _ = ours.recvmsg(16, socket.CMSG_SPACE(4))
+    assert out.returncode == 0, out.stderr
+    assert data == b"\0"
+    os.close(int.from_bytes(ancdata[0][2][:4], sys.byteorder))
