@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import resource
 import signal
 import sys
-
-import trio
+from typing import TYPE_CHECKING
 
 from . import __version__
-from . import log as logging
-from .config import DEFAULT_SOCKET, Config, ConfigError, load
-from .errors import TapdError
-from .lifecycle import Lifecycle
-from .listen import Listener, ListenError, at_path, from_fd, from_systemd
-from .sdnotify import Notifier
-from .server import Server
-from .service import Service
-from .taps import KernelTaps
-from .worker import KernelWorker
+from .wire import DEFAULT_SOCKET
+
+# The rest is imported where it is used: `tapd --version`, `--help` and
+# `--check-config` need neither trio nor the kernel modules (pyroute2 alone
+# is ~0.1 s), and a daemon that serves imports them all once anyway.
+if TYPE_CHECKING:
+    from .config import Config
+    from .listen import Listener
+    from .sdnotify import Notifier
+    from .service import Service
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def open_listener(config: Config, socket_path: str | None, listen_fd: int | None) -> Listener:
+    from .listen import at_path, from_fd, from_systemd
+
     if listen_fd is not None:
         return from_fd(listen_fd)
     activated = from_systemd()
@@ -63,6 +65,17 @@ DRAIN_SECONDS = 10.0
 
 
 async def run(config: Config, listener: Listener, config_path: str | None = None) -> None:
+    import trio
+
+    from . import log as logging
+    from .errors import TapdError
+    from .lifecycle import Lifecycle
+    from .sdnotify import Notifier
+    from .server import Server
+    from .service import Service
+    from .taps import KernelTaps
+    from .worker import KernelWorker
+
     log = logging.get()
     notifier = Notifier()
     worker = KernelWorker()
@@ -100,6 +113,8 @@ async def run(config: Config, listener: Listener, config_path: str | None = None
                     version=__version__,
                     leases=len(lifecycle.registry),
                 )
+                gc.freeze()
+                gc.enable()
                 notifier.notify("READY=1", f"STATUS=serving, {len(lifecycle.registry)} leases")
                 async for signum in received:
                     if signum == signal.SIGHUP:
@@ -122,6 +137,8 @@ async def run(config: Config, listener: Listener, config_path: str | None = None
 
 
 async def _watchdog(notifier: Notifier, interval: float) -> None:
+    import trio
+
     while True:
         notifier.notify("WATCHDOG=1")
         await trio.sleep(interval)
@@ -129,6 +146,9 @@ async def _watchdog(notifier: Notifier, interval: float) -> None:
 
 def _reload(service: Service, path: str | None, notifier: Notifier) -> None:
     """SIGHUP: read the configuration again; keep the old one if the new is bad."""
+    from . import log as logging
+    from .config import ConfigError, load
+
     log = logging.get()
     if path is None:
         log.info("config.reload.skipped", reason="no --config file; built-in defaults stay")
@@ -154,7 +174,25 @@ def _raise_fd_limit() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # No cyclic GC while tapd starts: its imports (trio, pydantic's schemas,
+    # pyroute2) make hundreds of thousands of objects, and collecting them
+    # over and over cost ~20% of the start-up, which is the first VM's wait
+    # under socket activation.  run() freezes what start-up made and turns
+    # the collector back on before the first request (gc.freeze(): later
+    # collections never scan those objects again).
+    gc.disable()
+    try:
+        return _main(argv)
+    finally:
+        gc.enable()
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    from . import log as logging
+    from .config import ConfigError, load
+    from .listen import ListenError
+
     _raise_fd_limit()
     # The kernel worker thread wakes from each syscall needing the GIL back;
     # with the default 5 ms switch interval a busy loop thread could make it
@@ -182,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     except ListenError as exc:
         log.error("server.listen.failed", message=str(exc))
         return 2
+    import trio
+
     trio.run(run, config, listener, args.config)
     return 0
 
