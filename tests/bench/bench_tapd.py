@@ -208,6 +208,11 @@ for line in sys.stdin:
             helper_one(br)
         elif op == "tapd":
             tapd_one(cmd["path"], br, cmd.get("queues", 1))
+        elif op == "removal":
+            n[0] += 1
+            fd = floor_one(f"rm{os.getpid() % 10000}x{n[0]}", br, keep=False)
+            t = time.perf_counter()
+            os.close(fd)  # the last fd: the kernel removes the tap before close returns
         elif op == "tapd-bridge-helper":
             helper_one(br, f"{BIN}/tapd-bridge-helper", {"TAPD_SOCKET": cmd["path"]})
         elif op == "tapctl":
@@ -383,12 +388,17 @@ PROCESSES = {
     "tapctl request -- true": "tapctl",
     "python -c pass": "python",
 }
+#: what the kernel takes to remove a bridged tap when its last fd closes: a
+#: process that exits holding one (true, under tapctl) waits for it
+REMOVAL = "removal (last close)"
 
 
 def per_tap(rounds: int, per_round: int) -> dict[str, Series]:
     """1-3 and 8: floor, bare trio server, helper and tapd per tap, and the
     user's entry points as whole processes, interleaved round by round."""
-    series = {k: Series(k) for k in ("floor", "bare trio", "helper", "tapd", *PROCESSES)}
+    names = ("floor", "bare trio", "helper", "tapd", REMOVAL, *PROCESSES)
+    series = {k: Series(k) for k in names}
+    ops = {**PROCESSES, REMOVAL: "removal"}
     with namespace() as ns:
         tapd, bare = Tapd.start(ns), Tapd.start(ns, bare=True)
         agent = Agent(ns)
@@ -405,7 +415,7 @@ def per_tap(rounds: int, per_round: int) -> dict[str, Series]:
                 # A different contender opens each round (see scaling()).
                 for kind in kinds[r % len(kinds) :] + kinds[: r % len(kinds)]:
                     series[kind].values += agent.run(
-                        op="tapd" if kind in paths else PROCESSES.get(kind, kind),
+                        op="tapd" if kind in paths else ops.get(kind, kind),
                         path=paths.get(kind, tapd.path),
                         count=per_round,
                         bridges=list(BRIDGES),
@@ -638,7 +648,7 @@ def main() -> int:
     print(f"tapd benchmark on {platform.node()}: {os.cpu_count()} cores, "
           f"Linux {platform.release()}, Python {platform.python_version()}")  # fmt: skip
     print(f"{'what':34s} {'median ms':>9s} {'p99 ms':>9s} {'/helper':>8s} {'/floor':>7s}")
-    for s in (floor, bare, helper, tapd):
+    for s in (floor, bare, helper, tapd, taps[REMOVAL]):
         print(f"{'per tap: ' + s.name:34s} {ms(s.median)} {ms(s.p99)} "
               f"{s.median / helper.median:8.2f} {s.median / floor.median:7.2f}")  # fmt: skip
     py = taps["python -c pass"]
