@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -137,3 +139,54 @@ def test_outside_a_loop_it_says_which_client_to_use() -> None:
     with pytest.raises(RuntimeError, match=r"tapd\.client is the sync one"):
         coro.send(None)
     coro.close()
+
+
+def test_asyncio_waits_out_a_full_backlog(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A UNIX connect to a listener whose queue is full says EAGAIN and gives
+    nothing to wait on: the call backs off and tries again until tapd takes
+    it (here: once the queue is emptied), within its timeout."""
+    backing_off = []
+
+    async def spy(self: Any, seconds: float) -> None:
+        backing_off.append(seconds)
+        await asyncio.sleep(seconds)
+
+    monkeypatch.setattr(aio._Asyncio, "sleep", spy)
+    path = tempfile.mkdtemp(prefix="tapd-") + "/s"  # sun_path: tmp_path can be too long
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)
+    queued = []
+    while True:  # fill the listener's queue
+        filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        filler.setblocking(False)
+        try:
+            filler.connect(path)
+        except BlockingIOError:
+            filler.close()
+            break
+        queued.append(filler)
+
+    async def main() -> dict[str, Any]:
+        call = asyncio.ensure_future(aio.hello(path=path, timeout=30))
+        while not backing_off and not call.done():
+            await asyncio.sleep(0.005)
+        if call.done():  # it gave up at once
+            return await call
+        for _ in queued:
+            listener.accept()[0].close()
+        listener.setblocking(False)
+        conn, _ = await asyncio.get_running_loop().sock_accept(listener)
+        with conn:
+            assert await asyncio.get_running_loop().sock_recv(conn, 100) == b'{"op":"hello"}\n'
+            conn.sendall(b'{"ok":true,"protocol":1}\n')
+            return await call
+
+    try:
+        assert asyncio.run(main()) == {"ok": True, "protocol": 1}
+    finally:
+        for filler in queued:
+            filler.close()
+        listener.close()
+        os.unlink(path)
+    assert backing_off[0] == aio._CONNECT_BACKOFF[0]

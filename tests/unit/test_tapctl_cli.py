@@ -227,3 +227,13 @@ def test_tapctl_helper_through_a_shell_as_qemu_runs_it() -> None:
     assert out.returncode == 0, out.stderr
     assert data == b"\0"
     os.close(int.from_bytes(ancdata[0][2][:4], sys.byteorder))
+
+
+def test_an_fd_named_to_send_that_is_not_open() -> None:
+    """--netdev fd=N sends tapctl's fd N: a closed one is the user's mistake,
+    said as such, not a bug."""
+    with fake_tapd() as fake:
+        out = run(TAPCTL, "--socket", fake.path, "request", "--netdev", "tap,br=br0,fd=987")
+        assert fake.requests == []
+    assert out.returncode == 1
+    assert one_line_no_traceback(out).endswith("[send-failed]\n")
