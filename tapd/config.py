@@ -32,8 +32,7 @@ from pydantic import (
 from .fence import DEFAULT_PREFIX, check_prefix, parse_rate
 from .options import ifname_problem
 from .tun import TUN_PATH
-
-DEFAULT_SOCKET = "/run/tapd.sock"
+from .wire import DEFAULT_SOCKET as DEFAULT_SOCKET  # where it was before clients shared it
 
 
 class _Section(BaseModel):

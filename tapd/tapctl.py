@@ -1,30 +1,72 @@
-"""``tapctl``: ask tapd for a tap from the shell, and run a VMM with it."""
+"""``tapctl`` and ``tapd-bridge-helper``: ask tapd for a tap from the shell, and
+run a VMM with it.
+
+Both start once per VM, so they import the standard library only (through
+:mod:`tapd.client`), and ``tapd-bridge-helper`` reads QEMU's three arguments
+itself rather than load argparse.  No traceback reaches a user: tapd's
+refusals and the client's own failures print one line with their code, and
+anything unexpected prints one line too (``TAPD_DEBUG=1`` shows where).
+"""
 
 from __future__ import annotations
 
-import argparse
-import contextlib
+import _socket
 import json
 import os
-import socket
 import sys
-import tempfile
 import time
-from collections.abc import Sequence
 
-from . import client, fdpass
-from .config import DEFAULT_SOCKET
+from . import __version__, client, scm
+from .exchange import LocalError
+from .wire import DEFAULT_SOCKET
+
+TYPE_CHECKING = False  # typing costs a client ~2 ms to import; mypy reads this as usual
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable, Sequence
+    from typing import Any, NoReturn
+
+#: sysexits.h EX_SOFTWARE: a bug in tapctl, not a refusal
+EX_SOFTWARE = 70
+
+
+class BadNetdev(LocalError):
+    """``--netdev`` is not a QEMU option string tapctl can send."""
+
+    CODE = "bad-netdev"
+
+
+class NoSuchFd(LocalError):
+    """The command names a placeholder for fds tapd did not return."""
+
+    CODE = "no-such-fd"
+
+
+class OutputFailed(LocalError):
+    """``tapctl metrics --output FILE`` could not write FILE."""
+
+    CODE = "output-failed"
+
+
+class HandoffFailed(LocalError):
+    """The helper has its tap but cannot pass it to QEMU on --fd."""
+
+    CODE = "handoff-failed"
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse  # here: tapd-bridge-helper, which shares this module, never needs it
+
     p = argparse.ArgumentParser(prog="tapctl", description="Talk to tapd.")
     p.add_argument(
         "--socket",
         metavar="PATH",
         help=f"tapd's socket (default: ${client.ENV_SOCKET}, else {DEFAULT_SOCKET})",
     )
+    p.add_argument("--version", action="version", version=f"tapctl {__version__}")
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-    verbs.add_parser("hello", help="show the daemon's protocol and version")
+    hello = verbs.add_parser("hello", help="show the daemon's protocol, version and ops")
+    hello.add_argument("--json", action="store_true", help="print the reply as JSON")
     req = verbs.add_parser(
         "request",
         help="get a tap on a bridge, and optionally run a command with it",
@@ -51,13 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     req.add_argument("--script", metavar="NAME", help="a network script the admin listed")
     req.add_argument("--downscript", metavar="NAME", help="a down script the admin listed")
     req.add_argument("--helper", metavar="NAME", help="a bridge helper the admin listed")
-    req.add_argument(
-        "--guest-mac", metavar="MAC", help="the guest NIC's MAC (default: tapd picks a free one)"
-    )
-    req.add_argument(
-        "--guest-ip", dest="guest_ips", metavar="ADDR", action="append",
-        help="an address the guest will use (repeat; needed where the rule has ip_ranges)",
-    )  # fmt: skip
+    _guest_arguments(req)
     req.add_argument(
         "--netdev",
         metavar="OPTS",
@@ -86,13 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     pvnet.add_argument("--no-vnet-hdr", dest="vnet_hdr", action="store_const", const=False)
     prep.add_argument("--script", metavar="NAME", help="a network script the admin listed")
     prep.add_argument("--downscript", metavar="NAME", help="a down script the admin listed")
-    prep.add_argument(
-        "--guest-mac", metavar="MAC", help="the guest NIC's MAC (default: tapd picks a free one)"
-    )
-    prep.add_argument(
-        "--guest-ip", dest="guest_ips", metavar="ADDR", action="append",
-        help="an address the guest will use (repeat; needed where the rule has ip_ranges)",
-    )  # fmt: skip
+    _guest_arguments(prep)
     prep.add_argument("--json", action="store_true", help="print the reply as JSON")
     prep.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     lst = verbs.add_parser("list", help="your leases (root: all of them)")
@@ -101,6 +131,7 @@ def _parser() -> argparse.ArgumentParser:
         "release", help="end a lease now: its tap is removed (one passed with fd= is given back)"
     )
     rel.add_argument("lease", metavar="ID|IFNAME")
+    rel.add_argument("--json", action="store_true", help="print the ended lease as JSON")
     st = verbs.add_parser("status", help="how the daemon is doing")
     st.add_argument("--json", action="store_true", help="print the reply as JSON")
     met = verbs.add_parser(
@@ -122,14 +153,21 @@ def _parser() -> argparse.ArgumentParser:
             "it back on fd N.  The lease belongs to QEMU, the parent process."
         ),
     )
-    _helper_arguments(helper)
+    helper.add_argument("--use-vnet", action="store_true", help="give the tap IFF_VNET_HDR")
+    helper.add_argument("--fd", type=int, required=True, help="socket to send the tap fd on")
+    helper.add_argument("--br", help="bridge (QEMU's default: br0)")
     return p
 
 
-def _helper_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--use-vnet", action="store_true", help="give the tap IFF_VNET_HDR")
-    p.add_argument("--fd", type=int, required=True, help="socket to send the tap fd on")
-    p.add_argument("--br", help="bridge (QEMU's default: br0)")
+def _guest_arguments(p: argparse.ArgumentParser) -> None:
+    """tapd's own request keys, beside QEMU's."""
+    p.add_argument(
+        "--guest-mac", metavar="MAC", help="the guest NIC's MAC (default: tapd picks a free one)"
+    )
+    p.add_argument(
+        "--guest-ip", dest="guest_ips", metavar="ADDR", action="append",
+        help="an address the guest will use (repeat; needed where the rule has ip_ranges)",
+    )  # fmt: skip
 
 
 def substitute(args: Sequence[str], grant: client.TapGrant) -> list[str]:
@@ -148,9 +186,7 @@ def substitute(args: Sequence[str], grant: client.TapGrant) -> list[str]:
         for key, value in values.items():
             if key in arg:
                 if value is None:
-                    raise client.ClientError(
-                        "no-such-fd", f"{key} is used, but tapd returned no such fd"
-                    )
+                    raise NoSuchFd(f"{key} is used, but tapd's reply has no such value")
                 arg = arg.replace(key, value)
         out.append(arg)
     return out
@@ -160,12 +196,14 @@ def _print_reply(reply: dict[str, object], as_json: bool) -> None:
     if as_json:
         print(json.dumps(reply))
         return
+    # An adopted tap's reply (fd=/fds=) may say less: print what it says.
     print(
-        f"{reply['ifname']}: bridge {reply['bridge']} mac {reply['mac']} mtu {reply['mtu']} "
-        f"queues {reply['fds']} vhostfds {reply.get('vhostfds', 0)} "
-        f"vnet_hdr {'on' if reply.get('vnet_hdr') else 'off'}"
+        f"{reply.get('ifname')}: bridge {reply.get('bridge')} mac {reply.get('mac', '-')} "
+        f"mtu {reply.get('mtu', '-')} queues {reply.get('fds', 0)} "
+        f"vhostfds {reply.get('vhostfds', 0)} vnet_hdr {'on' if reply.get('vnet_hdr') else 'off'}"
     )
-    for warning in reply.get("warnings") or ():  # type: ignore[attr-defined]
+    warnings = reply.get("warnings")
+    for warning in warnings if isinstance(warnings, list) else ():
         print(f"warning: {warning}", file=sys.stderr)
 
 
@@ -204,21 +242,17 @@ def parse_netdev(text: str) -> dict[str, object]:
             continue
         key, sep, value = part.partition("=")
         if not sep:
-            raise client.ClientError("bad-netdev", f"--netdev: {part!r} is not key=value")
+            raise BadNetdev(f"--netdev: {part!r} is not key=value")
         if key in ("type", "id"):
             continue
         if key in _INT_KEYS:
             try:
                 options[key] = int(value, 0)
             except ValueError:
-                raise client.ClientError(
-                    "bad-netdev", f"--netdev: {key}={value!r} is not a number"
-                ) from None
+                raise BadNetdev(f"--netdev: {key}={value!r} is not a number") from None
         elif key in _BOOL_KEYS:
             if value.lower() not in _BOOLS:
-                raise client.ClientError(
-                    "bad-netdev", f"--netdev: {key}={value!r} is not on or off"
-                )
+                raise BadNetdev(f"--netdev: {key}={value!r} is not on or off")
             options[key] = _BOOLS[value.lower()]
         else:
             options[key] = value
@@ -233,9 +267,7 @@ def _fd_numbers(options: dict[str, object]) -> list[int]:
         if isinstance(value, str):
             for name in value.split(":"):
                 if not name.isdigit():
-                    raise client.ClientError(
-                        "bad-netdev", f"--netdev: {key}= must name fds by number here"
-                    )
+                    raise BadNetdev(f"--netdev: {key}= must name fds by number here")
                 numbers.append(int(name))
     return numbers
 
@@ -244,7 +276,7 @@ def _request(args: argparse.Namespace) -> int:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
-    options = parse_netdev(args.netdev) if args.netdev else {}
+    options: dict[str, Any] = parse_netdev(args.netdev) if args.netdev else {}
     for key in (
         "br", "ifname", "queues", "vnet_hdr", "sndbuf", "vhost", "vhostforce",
         "script", "downscript", "helper", "guest_mac", "guest_ips",
@@ -288,19 +320,52 @@ def _prepare(args: argparse.Namespace) -> int:
             print(json.dumps(reply))
         else:
             print(
-                f"{reply['ifname']}: bridge {reply['bridge']} mac {reply['mac']} "
-                f"mtu {reply['mtu']} queues {reply['queues']} (removed as tapctl exits)"
+                f"{reply.get('ifname')}: bridge {reply.get('bridge')} guest mac "
+                f"{reply.get('guest_mac')} mtu {reply.get('mtu')} queues {reply.get('queues')} "
+                "(removed as tapctl exits)"
             )
         return 0
-    argv = [
-        arg.replace("{ifname}", str(reply["ifname"])).replace("{mac}", str(reply["guest_mac"]))
-        for arg in command
-    ]
+    values = {"{ifname}": str(reply.get("ifname")), "{mac}": str(reply.get("guest_mac"))}
+    argv = []
+    for arg in command:
+        for key, value in values.items():
+            arg = arg.replace(key, value)
+        argv.append(arg)
     try:
         os.execvp(argv[0], argv)
     except OSError as exc:
         print(f"tapctl: cannot run {argv[0]}: {exc.strerror}", file=sys.stderr)
         return 127
+
+
+def _metrics(args: argparse.Namespace) -> int:
+    reply, fds = client.call({"op": "metrics"}, path=args.socket)
+    scm.close_all(fds)
+    text = str(reply["text"])
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    import tempfile  # here: only this verb writes files
+
+    # A reader must never see half a file: write a temporary file beside it
+    # (same filesystem, and a name the textfile collector skips), then rename.
+    directory, name = os.path.split(os.path.abspath(args.output))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise OutputFailed(f"cannot write {args.output}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            os.fchmod(out.fileno(), 0o644)  # mkstemp's 0600: node_exporter runs as its own user
+        os.replace(tmp, args.output)
+    except OSError as exc:
+        try:  # noqa: SIM105 (contextlib: one more import for a process started per VM)
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise OutputFailed(f"cannot write {args.output}: {exc.strerror or exc}") from None
+    return 0
 
 
 def _age(created: int) -> str:
@@ -333,101 +398,218 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(reply))
         return 0
+    # "config" is absent when tapd runs on its built-in defaults.
     print(
-        f"tapd {reply['version']} (protocol {reply['protocol']}): up {reply['uptime']:.0f}s, "
-        f"{reply['leases']} leases, {reply['connections']} connections, "
-        f"config {reply['config'] or '(built-in)'}"
+        f"tapd {reply.get('version')} (protocol {reply.get('protocol')}): "
+        f"up {float(reply.get('uptime', 0)):.0f}s, {reply.get('leases')} leases, "
+        f"{reply.get('connections')} connections, "
+        f"config {reply.get('config') or '(built-in defaults)'}"
     )
     return 0
 
 
-def _metrics(args: argparse.Namespace) -> int:
-    reply, fds = client.call({"op": "metrics"}, path=args.socket)
-    for fd in fds:
-        os.close(fd)
-    text = str(reply["text"])
-    if args.output is None:
-        sys.stdout.write(text)
+def _hello(args: argparse.Namespace) -> int:
+    reply = client.hello(path=args.socket)
+    if args.json:
+        print(json.dumps(reply))
         return 0
-    # A reader must never see half a file: write a temporary file beside it
-    # (same filesystem, and a name the textfile collector skips), then rename.
-    directory, name = os.path.split(os.path.abspath(args.output))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise client.ClientError(
-            "output", f"cannot write {args.output}: {exc.strerror or exc}"
-        ) from None
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-            os.fchmod(out.fileno(), 0o644)  # mkstemp's 0600: node_exporter runs as its own user
-        os.replace(tmp, args.output)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise client.ClientError(
-            "output", f"cannot write {args.output}: {exc.strerror or exc}"
-        ) from None
+    ops = reply.get("ops")
+    print(
+        f"tapd {reply.get('version')} (protocol {reply.get('protocol')}): ops "
+        + ", ".join(map(str, ops if isinstance(ops, list) else ()))
+    )
     return 0
 
 
-def _helper(args: argparse.Namespace) -> int:
+def _release(args: argparse.Namespace) -> int:
+    lease = client.release(args.lease, path=args.socket)
+    if args.json:
+        print(json.dumps(lease))
+    else:
+        print(f"released {lease.get('id')} ({lease.get('ifname')})")
+    return 0
+
+
+def _helper(socket_path: str | None, br: str | None, use_vnet: bool, fd: int) -> int:
     """QEMU's side of net_bridge_run_helper(): one byte with the fd, exit 0."""
     # As qemu-bridge-helper: --use-vnet means IFF_VNET_HDR if the kernel has it.
-    vnet_hdr = None if args.use_vnet else False
-    grant = client.bridge_helper(args.br, vnet_hdr, args.fd, path=args.socket)
+    vnet_hdr = None if use_vnet else False
     try:
-        with socket.socket(fileno=args.fd) as sock:
-            fdpass.send_line_sync(sock, b"\0", grant.tap_fds)
+        # Before asking tapd: a tap that could not be handed over is no use.
+        # (_socket: the C module socket.py wraps; see tapd.scm for why.)
+        vmm = _socket.socket(fileno=fd)
     except OSError as exc:
-        raise client.ClientError(
-            "helper", f"cannot hand the tap to QEMU on fd {args.fd}: {exc}"
-        ) from None
+        raise HandoffFailed(f"--fd={fd} is not a socket from QEMU: {exc.strerror}") from None
+    try:
+        grant = client.bridge_helper(br, vnet_hdr, fd, path=socket_path)
+        try:
+            scm.send_line_sync(vmm, b"\0", grant.tap_fds)
+        except OSError as exc:
+            raise HandoffFailed(f"cannot hand the tap to QEMU on fd {fd}: {exc}") from None
+        finally:
+            grant.close()
     finally:
-        grant.close()
+        vmm.close()
     return 0
+
+
+_VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "hello": _hello,
+    "list": _list,
+    "release": _release,
+    "status": _status,
+    "request": _request,
+    "prepare": _prepare,
+    "metrics": _metrics,
+    "helper": lambda args: _helper(args.socket, args.br, args.use_vnet, args.fd),
+}
+
+
+def _guarded(prog: str, run: Callable[[], int]) -> int:
+    """Run a command line; whatever goes wrong is one line on stderr."""
+    try:
+        code = run()
+        sys.stdout.flush()  # here, not at exit, where a closed pipe would be a traceback
+        return code
+    except client.ClientError as exc:
+        _say(f"{prog}: {exc.message} [{exc.code}]")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # Whoever read our output stopped (tapctl list | head): not an error
+        # worth a word.  Point stdout at /dev/null so that the flush at exit
+        # does not fail again (the Python docs' "Note on SIGPIPE").
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except Exception as exc:
+        if os.environ.get("TAPD_DEBUG"):
+            raise
+        _say(
+            f"{prog}: unexpected error: {type(exc).__name__}: {exc} "
+            "(a bug; run with TAPD_DEBUG=1 for the traceback)"
+        )
+        return EX_SOFTWARE
+
+
+def _say(line: str) -> None:
+    try:  # noqa: SIM105 (contextlib: one more import for a process started per VM)
+        print(line, file=sys.stderr)
+    except OSError:
+        pass
+
+
+def _as_qemu_runs_helper(argv: list[str]) -> tuple[str | None, str | None, bool, int] | None:
+    """``tapctl [--socket PATH] helper --use-vnet --fd=N --br=BR``, the form
+    QEMU runs once per VM start, read without argparse (whose import and
+    parser cost more than the rest of the helper's Python).  None for any
+    other command line, which argparse then reads as usual."""
+    socket_path = None
+    if argv[:1] == ["--socket"] and len(argv) > 2:
+        socket_path, argv = argv[1], argv[2:]
+    elif argv[:1] and argv[0].startswith("--socket="):
+        socket_path, argv = argv[0].partition("=")[2], argv[1:]
+    if argv[:1] != ["helper"]:
+        return None
+    parsed = parse_helper_args(argv[1:])
+    if isinstance(parsed, str) or parsed[0] is not None:  # an error, or --socket after the verb
+        return None
+    return (socket_path, *parsed[1:])
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        if args.verb == "hello":
-            print(json.dumps(client.hello(path=args.socket)))
-            return 0
-        if args.verb == "list":
-            return _list(args)
-        if args.verb == "release":
-            lease = client.release(args.lease, path=args.socket)
-            print(f"released {lease['id']} ({lease['ifname']})")
-            return 0
-        if args.verb == "status":
-            return _status(args)
-        if args.verb == "metrics":
-            return _metrics(args)
-        if args.verb == "helper":
-            return _helper(args)
-        if args.verb == "prepare":
-            return _prepare(args)
-        return _request(args)
-    except client.ClientError as exc:
-        print(f"tapctl: {exc.message} [{exc.code}]", file=sys.stderr)
-        return 1
+    def run() -> int:
+        qemus = _as_qemu_runs_helper(sys.argv[1:] if argv is None else argv)
+        if qemus is not None:
+            return _helper(*qemus)
+        args = _parser().parse_args(argv)
+        return _VERBS[args.verb](args)
+
+    return _guarded("tapctl", run)
 
 
-def bridge_helper_main() -> int:
+HELPER_USAGE = """\
+usage: tapd-bridge-helper [--socket PATH] [--use-vnet] --fd=N [--br=BRIDGE]
+
+QEMU's bridge helper, asking tapd instead of being setuid: QEMU runs it with
+--use-vnet --fd=N --br=BR, and it sends the tap back on fd N.  The socket is
+--socket, else $TAPD_SOCKET, else the socket set in /etc/tapd/client.conf,
+else /run/tapd.sock.
+"""
+
+
+def parse_helper_args(argv: Sequence[str]) -> tuple[str | None, str | None, bool, int] | str:
+    """(socket, bridge, use_vnet, fd) from the helper's arguments, or what is
+    wrong with them.  Each option as ``--opt=value`` (QEMU's and libvirt's
+    spelling) or ``--opt value``."""
+    values: dict[str, str] = {}
+    use_vnet = False
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--use-vnet":
+            use_vnet = True
+            continue
+        name, eq, value = arg.partition("=")
+        if name not in ("--fd", "--br", "--socket"):
+            return f"unknown argument {arg!r}"
+        if not eq:
+            if not args:
+                return f"{name} needs a value"
+            value = args.pop(0)
+        values[name] = value
+    fd = values.get("--fd")
+    if fd is None:
+        return "--fd=N is required (QEMU passes it)"
+    if not fd.isdigit():
+        return f"--fd={fd!r} is not a file descriptor number"
+    return values.get("--socket"), values.get("--br"), use_vnet, int(fd)
+
+
+def bridge_helper_main(argv: list[str] | None = None) -> int:
     """``tapd-bridge-helper``: the helper as a single executable path, for
     ``-netdev bridge,helper=/usr/local/bin/tapd-bridge-helper``."""
-    p = argparse.ArgumentParser(prog="tapd-bridge-helper", description=_helper.__doc__)
-    p.add_argument("--socket", metavar="PATH", help="tapd's socket")
-    _helper_arguments(p)
-    args = p.parse_args()
-    try:
-        return _helper(args)
-    except client.ClientError as exc:
-        print(f"tapd-bridge-helper: {exc.message} [{exc.code}]", file=sys.stderr)
-        return 1
+    args = sys.argv[1:] if argv is None else argv
+    if "-h" in args or "--help" in args:
+        print(HELPER_USAGE, end="")
+        return 0
+    if "--version" in args:
+        print(f"tapd-bridge-helper {__version__}")
+        return 0
+
+    def run() -> int:
+        parsed = parse_helper_args(args)
+        if isinstance(parsed, str):
+            _say(f"{HELPER_USAGE.splitlines()[0]}\ntapd-bridge-helper: {parsed}")
+            return 2
+        return _helper(*parsed)
+
+    return _guarded("tapd-bridge-helper", run)
+
+
+def _leave(code: int) -> NoReturn:
+    """Exit at once, without the interpreter's finalisation: a process that
+    has flushed its output has nothing left to clean up (the kernel closes its
+    fds), and tearing down its modules would cost ~3 ms, a sixth of an
+    interpreter's start.  (tapctl request has exec'd its command by now.)"""
+    for stream in (sys.stdout, sys.stderr):
+        try:  # noqa: SIM105 (contextlib: one more import for a process started per VM)
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def tapctl_script() -> NoReturn:
+    """The ``tapctl`` console script: :func:`main`, then :func:`_leave`."""
+    _leave(main())
+
+
+def bridge_helper_script() -> NoReturn:
+    """The ``tapd-bridge-helper`` console script."""
+    _leave(bridge_helper_main())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    tapctl_script()

@@ -17,7 +17,15 @@ hits every contender alike:
 5. a 256-queue request against its kernel floor;
 6. tapd's latency beyond the floor with 0, 250, 500 and 1000 live leases;
 7. tapd's RSS and open fds at 1000 leases, and the cold start to a first
-   reply under socket activation.
+   reply under socket activation;
+8. the user's path, whole processes in the rounds of 1-3: tapd-bridge-helper
+   through QEMU's helper protocol (beside qemu-bridge-helper's, which is 2),
+   ``tapctl request --br BR -- /bin/true``, and a bare ``python -c pass`` of
+   the same interpreter, the floor of any Python entry point;
+9. 64 VM starts at once through each helper, the way a host boots its VMs.
+
+tapd's own modules are byte-compiled first, as pip does when it installs
+them (the benchmark may run with PYTHONDONTWRITEBYTECODE set).
 
 The cold start runs first, and each later phase starts once the kernel has
 finished with the last one's taps (quiesce()).  Every tap is held until its
@@ -31,6 +39,7 @@ Not collected by pytest.
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import json
 import os
@@ -153,10 +162,14 @@ AGENT = (
     + r"""
 from tapd import client, fdpass
 
-def helper_one(br):
+BIN = os.path.dirname(sys.executable)
+
+def helper_one(br, helper="/usr/lib/qemu/qemu-bridge-helper", env=None):
+    # QEMU's net_bridge_run_helper(): the helper on a socketpair, one byte
+    # with the tap fd back, then its exit.
     a, b = socket.socketpair()
-    p = subprocess.Popen(["/usr/lib/qemu/qemu-bridge-helper", "--use-vnet",
-                          f"--fd={b.fileno()}", f"--br={br}"], pass_fds=[b.fileno()])
+    p = subprocess.Popen([helper, "--use-vnet", f"--fd={b.fileno()}", f"--br={br}"],
+                         pass_fds=[b.fileno()], env=env)
     b.close()
     got = fdpass.recv_sync(a, 1)
     a.close()
@@ -167,6 +180,10 @@ def helper_one(br):
 def tapd_one(path, br, queues=1):
     g = client.request_tap(path=path, br=br, queues=queues if queues > 1 else None)
     held.extend(g.tap_fds)
+
+def run_one(argv):
+    if subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL).returncode:
+        raise RuntimeError(f"{argv} failed")
 
 n = [0]
 for line in sys.stdin:
@@ -191,6 +208,18 @@ for line in sys.stdin:
             helper_one(br)
         elif op == "tapd":
             tapd_one(cmd["path"], br, cmd.get("queues", 1))
+        elif op == "removal":
+            n[0] += 1
+            fd = floor_one(f"rm{os.getpid() % 10000}x{n[0]}", br, keep=False)
+            t = time.perf_counter()
+            os.close(fd)  # the last fd: the kernel removes the tap before close returns
+        elif op == "tapd-bridge-helper":
+            helper_one(br, f"{BIN}/tapd-bridge-helper", {"TAPD_SOCKET": cmd["path"]})
+        elif op == "tapctl":
+            run_one([f"{BIN}/tapctl", "--socket", cmd["path"], "request", "--br", br,
+                     "--", "/bin/true"])
+        elif op == "python":
+            run_one([sys.executable, "-c", "pass"])
         out.append(time.perf_counter() - t)
     print(json.dumps(out), flush=True)
 """
@@ -353,10 +382,23 @@ def quiesce(limit: float = 120.0) -> None:
 # -- the phases -------------------------------------------------------------------------
 
 
+#: 8: the user's entry points as whole processes, by row name -> agent op
+PROCESSES = {
+    "tapd-bridge-helper": "tapd-bridge-helper",
+    "tapctl request -- true": "tapctl",
+    "python -c pass": "python",
+}
+#: what the kernel takes to remove a bridged tap when its last fd closes: a
+#: process that exits holding one (true, under tapctl) waits for it
+REMOVAL = "removal (last close)"
+
+
 def per_tap(rounds: int, per_round: int) -> dict[str, Series]:
-    """1-3: floor, bare trio server, helper and tapd per tap, interleaved
-    round by round."""
-    series = {k: Series(k) for k in ("floor", "bare trio", "helper", "tapd")}
+    """1-3 and 8: floor, bare trio server, helper and tapd per tap, and the
+    user's entry points as whole processes, interleaved round by round."""
+    names = ("floor", "bare trio", "helper", "tapd", REMOVAL, *PROCESSES)
+    series = {k: Series(k) for k in names}
+    ops = {**PROCESSES, REMOVAL: "removal"}
     with namespace() as ns:
         tapd, bare = Tapd.start(ns), Tapd.start(ns, bare=True)
         agent = Agent(ns)
@@ -364,14 +406,17 @@ def per_tap(rounds: int, per_round: int) -> dict[str, Series]:
         try:
             for path in paths.values():  # warm up
                 agent.run(op="tapd", path=path, count=3, bridges=["br0"])
+            for op in PROCESSES.values():
+                agent.run(op=op, path=tapd.path, count=2, bridges=["br0"])
             agent.run(op="close")
+            settle(tapd.path, 0)
             kinds = list(series)
             for r in range(rounds):
                 # A different contender opens each round (see scaling()).
                 for kind in kinds[r % len(kinds) :] + kinds[: r % len(kinds)]:
                     series[kind].values += agent.run(
-                        op="tapd" if kind in paths else kind,
-                        path=paths.get(kind, ""),
+                        op="tapd" if kind in paths else ops.get(kind, kind),
+                        path=paths.get(kind, tapd.path),
                         count=per_round,
                         bridges=list(BRIDGES),
                     )
@@ -421,6 +466,31 @@ def throughput(total: int, clients: int) -> dict[str, float]:
                 if tapd is not None:
                     tapd.stop()
     return result
+
+
+def vm_starts(rounds: int, clients: int) -> dict[str, Series]:
+    """9: ``clients`` VM starts at once through each helper, whole processes:
+    the seconds until the last has its tap, each helper in turn, ``rounds``
+    times."""
+    series = {k: Series(k) for k in ("helper", "tapd-bridge-helper")}
+    with namespace() as ns:
+        tapd = Tapd.start(ns)
+        agents = [Agent(ns) for _ in range(clients)]
+        try:
+            agents[0].run(op="tapd-bridge-helper", path=tapd.path, count=1, bridges=["br0"])
+            agents[0].run(op="close")
+            kinds = list(series)
+            for r in range(rounds):
+                for kind in kinds[r % 2 :] + kinds[: r % 2]:
+                    series[kind].values.append(_burst(kind, agents, tapd.path, clients))
+                    for agent in agents:
+                        agent.run(op="close")
+                    settle(tapd.path, 0)
+        finally:
+            for agent in agents:
+                agent.quit()
+            tapd.stop()
+    return series
 
 
 def multiqueue(rounds: int) -> dict[str, Series]:
@@ -546,6 +616,14 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench_tapd: run as root (it makes namespaces, bridges and taps)", file=sys.stderr)
         return 2
+    scripts = [Path(sys.executable).parent / name for name in ("tapctl", "tapd-bridge-helper")]
+    if not all(os.access(script, os.X_OK) for script in scripts):
+        print(f"bench_tapd: run it with the Python of tapd's venv ({scripts[0].parent} "
+              "has no tapctl/tapd-bridge-helper)", file=sys.stderr)  # fmt: skip
+        return 2
+    # What pip does on install: without it (PYTHONDONTWRITEBYTECODE) every
+    # tapd process would compile tapd's source first.
+    compileall.compile_dir(REPO / "tapd", quiet=1)
     if args.quick:
         args.rounds, args.per_round, args.total, args.clients = 2, 10, 128, 16
     levels = [0, 250, 500, 1000] if not args.quick else [0, 50]
@@ -559,6 +637,8 @@ def main() -> int:
         taps = per_tap(args.rounds, args.per_round)
         quiesce()
         tput = throughput(args.total, args.clients)
+        quiesce()
+        starts = vm_starts(args.rounds, args.clients)
     quiesce()
     mq = multiqueue(args.rounds)
     quiesce()
@@ -568,9 +648,14 @@ def main() -> int:
     print(f"tapd benchmark on {platform.node()}: {os.cpu_count()} cores, "
           f"Linux {platform.release()}, Python {platform.python_version()}")  # fmt: skip
     print(f"{'what':34s} {'median ms':>9s} {'p99 ms':>9s} {'/helper':>8s} {'/floor':>7s}")
-    for s in (floor, bare, helper, tapd):
+    for s in (floor, bare, helper, tapd, taps[REMOVAL]):
         print(f"{'per tap: ' + s.name:34s} {ms(s.median)} {ms(s.p99)} "
               f"{s.median / helper.median:8.2f} {s.median / floor.median:7.2f}")  # fmt: skip
+    py = taps["python -c pass"]
+    for s in (taps[k] for k in PROCESSES):
+        print(f"{'process: ' + s.name:34s} {ms(s.median)} {ms(s.p99)} "
+              f"{s.median / helper.median:8.2f} {'':7s} "
+              f"{s.median / py.median:5.2f}x python")  # fmt: skip
     print(f"{'256 queues: floor':34s} {ms(mq['floor'].median)} {ms(mq['floor'].p99)}")
     print(f"{'256 queues: tapd':34s} {ms(mq['tapd'].median)} {ms(mq['tapd'].p99)} "
           f"{'':8s} {mq['tapd'].median / mq['floor'].median:7.2f}")  # fmt: skip
@@ -580,6 +665,11 @@ def main() -> int:
               f"{'':9s} {'':8s} {pair['tapd'].median / pair['floor'].median:7.2f}")  # fmt: skip
     print(f"throughput, {args.clients} clients, {args.total} taps: tapd {tput['tapd']:.0f}/s, "
           f"helper {tput['helper']:.0f}/s ({tput['tapd'] / tput['helper']:.2f}x)")  # fmt: skip
+    qh, th = starts["helper"], starts["tapd-bridge-helper"]
+    print(f"{args.clients} VM starts at once (median of {len(qh.values)}): qemu-bridge-helper "
+          f"{ms(qh.median).strip()} ms ({args.clients / qh.median:.0f}/s), tapd-bridge-helper "
+          f"{ms(th.median).strip()} ms ({args.clients / th.median:.0f}/s), "
+          f"{th.median / qh.median:.2f}x the time")  # fmt: skip
     print(f"at {footprint['leases']} leases: RSS {footprint['rss_bytes'] / 2**20:.1f} MiB, "
           f"{footprint['open_fds']} open fds")  # fmt: skip
     print(f"cold start to a first tap (socket activation): median {ms(cold.median)} ms, "
@@ -595,6 +685,8 @@ def main() -> int:
             "scaling": {str(level): {k: v.median for k, v in pair.items()}
                         for level, pair in scale.items()},
             "throughput_per_s": tput,
+            "vm_starts_at_once": {k: {"median": v.median, "max": max(v.values),
+                                      "clients": args.clients} for k, v in starts.items()},
             "footprint": footprint,
             "cold_start": {"median": cold.median, "max": max(cold.values)},
         }  # fmt: skip

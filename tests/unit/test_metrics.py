@@ -311,7 +311,7 @@ def test_tapctl_metrics_output_that_cannot_be_written_is_one_line(
 ) -> None:
     assert tapctl.main(["metrics", "--output", str(tmp_path / "no" / "tapd.prom")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("tapctl: cannot write ") and err.endswith("[output]\n")
+    assert err.startswith("tapctl: cannot write ") and err.endswith("[output-failed]\n")
     assert len(err.splitlines()) == 1
     # Nor is a temporary file left when the rename fails (the target is a directory).
     (tmp_path / "dir.prom").mkdir()

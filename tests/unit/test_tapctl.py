@@ -147,11 +147,14 @@ def test_a_silent_daemon_times_out(tmp_path: pathlib.Path) -> None:
         with pytest.raises(client.ClientError) as caught:
             client.call({"op": "hello"}, path=path, timeout=0.3)
         waited = time.monotonic() - start
-    assert caught.value.code == "timeout"
+    # the client's own code: the daemon's "timeout" means a request sent too slowly
+    assert isinstance(caught.value, client.Timeout)
+    assert caught.value.code == "client-timeout"
     assert 0.25 <= waited < 5
 
 
 def test_a_missing_socket_is_unreachable(tmp_path: pathlib.Path) -> None:
     with pytest.raises(client.ClientError) as caught:
         client.call({"op": "hello"}, path=str(tmp_path / "nothing"), timeout=0.3)
+    assert isinstance(caught.value, client.Unreachable)
     assert caught.value.code == "unreachable"
