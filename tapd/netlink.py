@@ -31,7 +31,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_LINK
 
 from . import log, tun
-from .errors import BridgeNotFound, NotABridge, kernel_error
+from .errors import BridgeNotFound, GuestMacInUse, NotABridge, kernel_error
 from .fence import ifb_name, ifb_tap
 
 
@@ -305,6 +305,19 @@ class Netlink:
                 OSError(err, os.strerror(err)), f"attaching {name!r} to bridge {bridge.name!r}"
             )
 
+    def leave_bridge(self, index: int) -> None:
+        """Take a tap off its bridge, down and untagged: back to how its maker
+        handed it over (for an adopted tap that will not be granted).  A tap
+        already gone is no error."""
+        body = (
+            _IFINFOMSG.pack(0, 0, index, 0, IFF_UP)
+            + _nla(IFLA_MASTER, _U32.pack(0))
+            + _nla(IFLA_IFALIAS, b"")
+        )
+        err = self._request(RTM_NEWLINK, body)
+        if err and err != errno.ENODEV:
+            raise kernel_error(OSError(err, os.strerror(err)), f"releasing interface {index}")
+
     def clear_tag(self, index: int) -> None:
         """Remove a lease tag (an empty IFLA_IFALIAS); a tap already gone is
         no error."""
@@ -359,16 +372,43 @@ class Netlink:
         """Bridge port flags (IFLA_BRPORT_* through IFLA_INFO_SLAVE_DATA, which
         rtnetlink applies only to a port that already has its master) and a
         static FDB entry for ``static_mac`` on that port (what ``bridge fdb
-        replace MAC dev PORT master static`` does: NTF_MASTER, NUD_NOARP)."""
+        add MAC dev PORT master static`` does: NTF_MASTER, NUD_NOARP).
+
+        The entry is added, never replaced: net/bridge/br_fdb.c fdb_add_entry()
+        moves an existing entry to the new port and clears BR_FDB_LOCAL, so a
+        replace with the bridge's own address, another port's, or one the
+        bridge learnt (the uplink's router) would send that address's traffic
+        to this guest.  An address the bridge already knows is refused, unless
+        it is this port's own static entry (a restarted tapd fencing again)."""
         try:
             if flags:
                 self._ip.brport("set", index=index, **{k: int(v) for k, v in flags.items()})
             if static_mac is not None:
-                self._ip.fdb(
-                    "replace", ifindex=index, lladdr=static_mac, flags=NTF_MASTER, state=NUD_NOARP
-                )
+                try:
+                    self._ip.fdb(
+                        "add", ifindex=index, lladdr=static_mac, flags=NTF_MASTER, state=NUD_NOARP
+                    )
+                except NetlinkError as exc:
+                    if exc.code != errno.EEXIST:
+                        raise
+                    if not self._static_on(index, static_mac):
+                        raise GuestMacInUse(
+                            f"guest_mac {static_mac} is already known to the bridge (its own "
+                            "address, a port's, or a neighbour's it learnt); leave guest_mac "
+                            "out and tapd picks a free one"
+                        ) from None
         except NetlinkError as exc:
             raise kernel_error(_oserror(exc), f"fencing bridge port {index}") from None
+
+    def _static_on(self, index: int, mac: str) -> bool:
+        """Whether port ``index`` has a static FDB entry for ``mac``."""
+        return any(
+            entry.get("NDA_LLADDR") == mac
+            and entry["ifindex"] == index
+            and entry["state"] & NUD_NOARP
+            and entry.get("NDA_MASTER") is not None
+            for entry in self._ip.fdb("dump", ifindex=index)
+        )
 
     def clear_port(self, index: int, flags: dict[str, bool], static_mac: str | None) -> None:
         """Undo :meth:`set_port`: the flags back to what the kernel gives a new

@@ -9,6 +9,7 @@ leaves bytes to :mod:`tapd.server` and syscalls to :mod:`tapd.taps`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -468,11 +469,11 @@ class Service:
         downscript_path: str | None = None,
     ) -> Grant:
         lease = dataclasses.replace(lease, ifname=made.ifname, ifindex=made.ifindex)
+        fence = Fence.from_tag(lease.fence)
         try:
             if lease.fence:
                 # Fenced before anyone but tapd holds a queue: the guest never
                 # has a moment on an open port.
-                fence = Fence.from_tag(lease.fence)
                 await self.worker.run(self.maker.fence, made.ifindex, fence, lease.guest_mac)
                 if fence.ip_filter:
                     await programs.run_nft(
@@ -484,6 +485,7 @@ class Service:
             self.lifecycle.begin(lease, owner_.take())
         except BaseException:
             close_all(fds)  # the tap fds we made (an adopted tap's stay the client's)
+            await self._unfence(lease, fence, log)
             if lease.prepared:
                 await self._discard(made, persistent=True)
             raise
@@ -590,6 +592,24 @@ class Service:
         if bridge is None:
             bridge = await self.worker.run(self.maker.bridge, name)
         return bridge
+
+    async def _unfence(self, lease: Lease, fence: Fence, log: Any) -> None:
+        """Undo what :meth:`_grant` set up for a lease it could not start: an
+        adopted tap off the bridge, no ifb, no address filter.  Each step is
+        tried; the error that got here is the one the client sees.  A tap
+        another request leased meanwhile (two adoptions of one tap) is left
+        to that lease."""
+        if self.lifecycle.registry.get(lease.ifindex) is not None:
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                await self.worker.run(self.maker.unfence, lease.ifindex, fence, lease.adopted)
+            except Exception as exc:
+                log.warning("lease.unfence.failed", ifname=lease.ifname, error=str(exc))
+            if fence.ip_filter:
+                # Most likely never loaded if this fails; reconcile drops orphans.
+                with contextlib.suppress(Exception):
+                    await programs.run_nft(self.config.programs.nft, nft.remove_lease(lease.ifname))
 
     async def _discard(self, made: MadeTap, persistent: bool = False) -> None:
         """Remove a tap that will not be granted, off the loop: the last

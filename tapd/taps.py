@@ -112,6 +112,8 @@ class TapMaker(Protocol):
 
     def fence(self, index: int, fence: Fence, guest_mac: str | None) -> None: ...
 
+    def unfence(self, index: int, fence: Fence, adopted: bool) -> None: ...
+
     def adopt(self, spec: AdoptSpec) -> MadeTap: ...
 
 
@@ -368,6 +370,18 @@ class KernelTaps:
         self.netlink.set_port(index, fence.port_flags(), mac)
         if fence.shaped:
             self.netlink.shape(index, fence.ingress, fence.egress)
+
+    def unfence(self, index: int, fence: Fence, adopted: bool) -> None:
+        """Undo :meth:`fence` and the join for a tap that will not be granted
+        (worker thread).  A tap tapd made goes when its fds close, its qdiscs
+        and port flags with it, but not the ifb that shaped it; an adopted tap
+        stays its client's, so it leaves the bridge as well: it must not stay
+        a port without its fence, nor keep a tag a restarted tapd would take
+        for a lease."""
+        if adopted:
+            self.netlink.leave_bridge(index)
+        if fence.shaped:
+            self.netlink.unshape(index, tap_too=adopted)
 
     def remove(self, index: int) -> bool:
         """Remove a tap by index, held or persistent (worker thread); False if

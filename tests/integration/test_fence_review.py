@@ -1,0 +1,87 @@
+"""Attacks on fenced ports, each against the real kernel in a namespace of the
+test's own: what a client may ask for must never turn tapd's fence into a
+tool against someone else on the bridge."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tapdtest import Daemon, ip, links, make_tap_in, run_daemon
+
+from tapd import client, tun
+
+pytestmark = pytest.mark.root
+
+LOCKED = """
+[[allow]]
+users = ["0"]
+bridges = ["br0"]
+mac_filtering = true
+"""
+
+
+@pytest.fixture
+def locked(ns: str, br0: str, tmp_path: Path) -> Iterator[Daemon]:
+    with run_daemon(ns, tmp_path, LOCKED) as daemon:
+        yield daemon
+
+
+def fdb(ns: str, mac: str) -> list[dict[str, object]]:
+    out = subprocess.run(
+        ["bridge", "-n", ns, "-j", "fdb", "show", "br", "br0"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return [e for e in json.loads(out) if e["mac"] == mac and "vlan" not in e]
+
+
+def test_a_guest_mac_cannot_take_the_bridges_own_address(locked: Daemon) -> None:
+    # tapd pins the bridge's address on its first look-up: make one first
+    locked.request(br="br0").close()
+    own = links(locked.ns)["br0"]["address"]
+    before = fdb(locked.ns, own)
+    assert before and all(e.get("ifname") == "br0" for e in before), before
+    with pytest.raises(client.ClientError) as exc:
+        grant = locked.request(br="br0", guest_mac=own)
+        grant.close()
+    assert exc.value.code == "guest-mac-in-use", exc.value
+    assert fdb(locked.ns, own) == before, "the bridge's own address moved to a guest's port"
+
+
+def test_a_guest_mac_cannot_take_a_neighbours_address(locked: Daemon) -> None:
+    ns = locked.ns
+    ip("-n", ns, "link", "add", "up0", "type", "veth", "peer", "name", "up1")
+    ip("-n", ns, "link", "set", "up0", "master", "br0", "up")
+    ip("-n", ns, "link", "set", "up1", "up")
+    gateway = "02:00:00:00:00:01"  # the uplink's router, as the bridge learnt it
+    subprocess.run(
+        ["bridge", "-n", ns, "fdb", "add", gateway, "dev", "up0", "master", "dynamic"],
+        check=True,
+    )
+    with pytest.raises(client.ClientError) as exc:
+        grant = locked.request(br="br0", guest_mac=gateway)
+        grant.close()
+    assert exc.value.code == "guest-mac-in-use", exc.value
+    (entry,) = fdb(ns, gateway)
+    assert entry["ifname"] == "up0", f"the router's address now leads to a guest: {entry}"
+
+
+def test_an_adopted_tap_whose_fence_fails_is_not_left_on_the_bridge(locked: Daemon) -> None:
+    locked.request(br="br0").close()
+    own = links(locked.ns)["br0"]["address"]
+    fds = make_tap_in(locked.ns, "own0")
+    try:
+        with pytest.raises(client.ClientError) as exc:
+            locked.request(br="br0", fd="t0", send_fds=[fds[0]], guest_mac=own)
+        assert exc.value.code == "guest-mac-in-use", exc.value
+        link = links(locked.ns)["own0"]
+        # the client still holds its tap: it must not be an unfenced port, nor
+        # carry a tag a restarted tapd would take for a lease
+        assert "master" not in link, f"left on {link.get('master')}"
+        assert not link.get("ifalias"), link.get("ifalias")
+        assert locked.leases() == []
+    finally:
+        tun.close_all(fds)
