@@ -31,7 +31,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_LINK
 
 from . import log, tun
-from .errors import BridgeNotFound, GuestMacInUse, NotABridge, kernel_error
+from .errors import BridgeNotFound, GuestMacInUse, KernelError, NotABridge, kernel_error
 from .fence import ifb_name, ifb_tap
 
 
@@ -437,9 +437,11 @@ class Netlink:
             if egress is None:
                 return
             name = ifb_name(index)
-            if not self._ip.link_lookup(ifname=name):
+            ifb = self._ifb(name)
+            if ifb is None:
                 self._ip.link("add", ifname=name, kind="ifb")
-            (ifb,) = self._ip.link_lookup(ifname=name)
+                ifb = self._ifb(name)
+                assert ifb is not None
             self._ip.link("set", index=ifb, state="up")
             self._ip.tc("replace", "tbf", index=ifb, handle="1:", **_tbf(egress))
             # A fresh ingress qdisc each time, so the one redirect is never doubled.
@@ -468,17 +470,38 @@ class Netlink:
             for kind, handle in (("tbf", "1:"), ("ingress", "ffff:")):
                 with contextlib.suppress(NetlinkError):
                     self._ip.tc("del", kind, index=index, handle=handle)
-        for ifb in self._ip.link_lookup(ifname=ifb_name(index)):
-            with contextlib.suppress(NetlinkError):
-                self._ip.link("del", index=ifb)
+        with contextlib.suppress(KernelError, NetlinkError):
+            ifb = self._ifb(ifb_name(index))
+            if ifb is not None:
+                with contextlib.suppress(NetlinkError):
+                    self._ip.link("del", index=ifb)
+
+    def _ifb(self, name: str) -> int | None:
+        """The index of tapd's ifb device ``name``, None if there is none; an
+        interface of that name that is no ifb is never taken for one (what the
+        guest sends would be redirected to it)."""
+        try:
+            (msg,) = self._ip.link("get", ifname=name)
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return None
+            raise
+        kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+        if kind != "ifb":
+            raise KernelError(
+                f"interface {name!r} is a {kind or 'plain'} device where tapd shapes "
+                "through an ifb of that name; remove or rename it"
+            )
+        return int(msg["index"])
 
     def orphan_ifbs(self) -> list[int]:
         """Indexes of ifb devices tapd made for taps that are gone."""
-        links = {int(m["index"]): str(m.get("IFLA_IFNAME")) for m in self._ip.link("dump")}
+        links = {int(m["index"]): m for m in self._ip.link("dump")}
         orphans = []
-        for index, name in links.items():
-            tap = ifb_tap(name)
-            if tap is not None and tap not in links:
+        for index, msg in links.items():
+            tap = ifb_tap(str(msg.get("IFLA_IFNAME")))
+            kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+            if tap is not None and tap not in links and kind == "ifb":
                 orphans.append(index)
         return orphans
 

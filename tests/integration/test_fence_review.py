@@ -10,9 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tapdtest import Daemon, ip, links, make_tap_in, run_daemon
+from tapdtest import Daemon, ip, links, make_tap_in, run_daemon, taps, wait_until
 
 from tapd import client, tun
+from tapd.fence import ifb_name
 
 pytestmark = pytest.mark.root
 
@@ -85,3 +86,57 @@ def test_an_adopted_tap_whose_fence_fails_is_not_left_on_the_bridge(locked: Daem
         assert locked.leases() == []
     finally:
         tun.close_all(fds)
+
+
+def redirect_target(ns: str, dev: str) -> str | None:
+    out = subprocess.run(
+        ["tc", "-n", ns, "filter", "show", "dev", dev, "parent", "ffff:"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    marker = "Redirect to device "
+    return out.split(marker, 1)[1].split(")", 1)[0] if marker in out else None
+
+
+SHAPED_AND_OPEN = """
+[[allow]]
+users = ["0"]
+bridges = ["br0"]
+egress_limit = "2Mbit"
+
+[[allow]]
+users = ["0"]
+bridges = ["br1"]
+"""
+
+
+def test_a_tap_named_like_a_shaping_device_never_receives_a_guests_traffic(
+    ns: str, br0: str, tmp_path: Path
+) -> None:
+    # The ifb that shapes what the guest on tap N sends is named from N, and
+    # interface indexes come in order: a client that names its own tap after
+    # the next tap's ifb would be handed everything that tap's guest sends.
+    ip("-n", ns, "link", "add", "br1", "type", "bridge")
+    with run_daemon(ns, tmp_path, SHAPED_AND_OPEN) as daemon:
+        first = daemon.request(br="br1")  # tapd pins br1 now, not between the two below
+        last = links(ns)[first.ifname]["ifindex"]
+        first.close()
+        wait_until(lambda: taps(ns) == [], what="the first tap to go")
+        # this request's tap takes the next index, the victim's the one after
+        squat = ifb_name(last + 2)
+        try:
+            spy = daemon.request(br="br1", ifname=squat)
+        except client.ClientError as exc:
+            assert exc.code == "invalid-ifname", exc
+            spy = None
+        try:
+            victim = daemon.request(br="br0")
+            try:
+                target = redirect_target(ns, victim.ifname)
+                assert target is not None
+                kind = links(ns)[target].get("linkinfo", {}).get("info_kind")
+                assert kind == "ifb", f"the guest's traffic goes to {target}, a {kind}"
+            finally:
+                victim.close()
+        finally:
+            if spy is not None:
+                spy.close()
