@@ -219,6 +219,9 @@ class Lifecycle:
             if fence.ip_filter:
                 document = nft.lease_rules(lease.ifname, lease.guest_mac, lease.guest_ips)
                 await programs.run_nft(self.config.programs.nft, document)
+            # A tapd stopped between a fenced tap's join and its grant left it
+            # down (tapd.netlink.Netlink.bring_up); fenced again, it may come up.
+            await self.worker.run(self.netlink.bring_up, lease.ifindex)
         except Exception:
             self.log.exception("lease.fence.failed", lease=lease.id)
         else:

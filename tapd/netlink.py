@@ -259,10 +259,16 @@ class Netlink:
         return bridge, str(msg.get("IFLA_ADDRESS"))
 
     def join_bridge(
-        self, index: int, name: str, bridge: Bridge, mac: str, alias: str | None = None
+        self,
+        index: int,
+        name: str,
+        bridge: Bridge,
+        mac: str,
+        alias: str | None = None,
+        up: bool = True,
     ) -> None:
         """Copy the bridge's MTU, set the address (and the lease tag), enslave,
-        bring up.
+        bring up (unless ``up`` is false: see :meth:`bring_up`).
 
         rtnetlink's do_setlink() applies IFLA_ADDRESS and IFLA_MTU before
         IFLA_MASTER, so one message would do; but an IFLA_IFALIAS makes it
@@ -276,12 +282,13 @@ class Netlink:
             IFLA_MTU, _U32.pack(bridge.mtu)
         )
         join = _nla(IFLA_MASTER, _U32.pack(bridge.index))
+        flag = IFF_UP if up else 0
         if alias is None:
-            steps = [_IFINFOMSG.pack(0, 0, index, IFF_UP, IFF_UP) + config + join]
+            steps = [_IFINFOMSG.pack(0, 0, index, flag, IFF_UP) + config + join]
         else:
             steps = [
                 _IFINFOMSG.pack(0, 0, index, 0, 0) + config + _nla(IFLA_IFALIAS, alias.encode()),
-                _IFINFOMSG.pack(0, 0, index, IFF_UP, IFF_UP) + join,
+                _IFINFOMSG.pack(0, 0, index, flag, IFF_UP) + join,
             ]
         for step, body in enumerate(steps):
             err = self._request(RTM_NEWLINK, body)
@@ -304,6 +311,16 @@ class Netlink:
             raise kernel_error(
                 OSError(err, os.strerror(err)), f"attaching {name!r} to bridge {bridge.name!r}"
             )
+
+    def bring_up(self, index: int) -> None:
+        """Bring a port up that joined its bridge down.  A port whose device
+        is down is BR_STATE_DISABLED, and br_handle_frame() drops what arrives
+        on it: a fenced tap joins down and comes up only once its fence is in
+        place, since whoever may attach to it (an adopted tap's client, a
+        prepared or multi-queue tap's owner) could send the moment it is up."""
+        err = self._request(RTM_NEWLINK, _IFINFOMSG.pack(0, 0, index, IFF_UP, IFF_UP))
+        if err:
+            raise kernel_error(OSError(err, os.strerror(err)), f"bringing up interface {index}")
 
     def leave_bridge(self, index: int) -> None:
         """Take a tap off its bridge, down and untagged: back to how its maker

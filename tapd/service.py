@@ -472,14 +472,17 @@ class Service:
         fence = Fence.from_tag(lease.fence)
         try:
             if lease.fence:
-                # Fenced before anyone but tapd holds a queue: the guest never
-                # has a moment on an open port.
+                # The port joined down (a disabled port: the bridge drops what
+                # arrives on it) and comes up fenced.  Whoever may attach to
+                # the tap already - an adopted tap's client, a prepared or
+                # multi-queue tap's owner - never has a moment on an open port.
                 await self.worker.run(self.maker.fence, made.ifindex, fence, lease.guest_mac)
                 if fence.ip_filter:
                     await programs.run_nft(
                         self.config.programs.nft,
                         nft.lease_rules(lease.ifname, lease.guest_mac, lease.guest_ips),
                     )
+                await self.worker.run(self.maker.bring_up, made.ifindex)
             # Tracked before the reply goes out: the VM may close its fds (and
             # the kernel announce the tap's end) the moment it has them.
             self.lifecycle.begin(lease, owner_.take())
@@ -544,6 +547,7 @@ class Service:
             name_template=self.config.taps.name_template,
             vhost=self._vhost(what.vhost),
             alias=lease.tag(),
+            up=not decision.fence.wanted,
         )
         if what.persistent:
             # Worker: besides joining, the last close of tapd's queue waits
@@ -644,6 +648,7 @@ class Service:
             alias=lease.tag(),
             require_owner=None if peer.uid == 0 else peer.uid,
             leased=self.lifecycle.registry.indexes(),
+            up=not terms.decision.fence.wanted,
         )
         made = await self.worker.run(self.maker.adopt, spec)
         # The client keeps its own tap fds; only vhost fds go back.
@@ -673,6 +678,7 @@ class Service:
                 vhost=self._vhost(what.vhost),
                 alias=lease.tag(),
                 leased=self.lifecycle.registry.indexes(),
+                up=not decision.fence.wanted,
             )
             made = await self.worker.run(self.maker.adopt, spec)
         except BaseException:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,3 +141,59 @@ def test_a_tap_named_like_a_shaping_device_never_receives_a_guests_traffic(
         finally:
             if spy is not None:
                 spy.close()
+
+
+# Stands in for nft(8) (the admin names it in [programs] nft): before the real
+# one loads a lease's filter, it does what the tap's owner may do once the tap
+# is on its bridge - attach by name, as a VMM does - and sends an ARP request
+# for the host's address from one it does not hold.
+NFT_WRAPPER = """#!/bin/sh
+{python} - <<'PY'
+import fcntl, os, socket, struct
+from tapd import tun
+try:
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    fcntl.ioctl(fd, tun.TUNSETIFF, struct.pack("16sH22x", b"vm0", tun.IFF_TAP | tun.IFF_NO_PI))
+    mac = bytes.fromhex("02aa00000099")
+    arp = struct.pack(
+        "!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1,
+        mac, socket.inet_aton("10.77.9.99"), bytes(6), socket.inet_aton("10.77.9.1"),
+    )
+    os.write(fd, b"\\xff" * 6 + mac + b"\\x08\\x06" + arp)
+    os.close(fd)
+except OSError:
+    pass
+PY
+exec /usr/sbin/nft "$@"
+"""
+
+
+def test_a_prepared_tap_is_never_open_to_its_owner_before_its_fence(
+    ns: str, br0: str, tmp_path: Path
+) -> None:
+    wrapper = tmp_path / "nft"
+    wrapper.write_text(NFT_WRAPPER.format(python=sys.executable))
+    wrapper.chmod(0o755)
+    ip("-n", ns, "addr", "add", "10.77.9.1/24", "dev", "br0")
+    config = f"""
+[programs]
+nft = "{wrapper}"
+
+[[allow]]
+users = ["0"]
+bridges = ["br0"]
+ip_ranges = ["10.77.9.0/24"]
+"""
+    with run_daemon(ns, tmp_path, config) as daemon:
+        reply, _ = daemon.call(
+            {"op": "prepare", "br": "br0", "ifname": "vm0", "guest_ips": ["10.77.9.5"]}
+        )
+        try:
+            assert reply["ok"], reply
+            neigh = ip("-n", ns, "neigh", "show", "10.77.9.99").stdout
+            assert "02:aa:00:00:00:99" not in neigh, (
+                "the host took 10.77.9.99 for the tap's owner's, from a frame sent "
+                f"before the tap's address filter: {neigh}"
+            )
+        finally:
+            daemon.call({"op": "release", "lease": "vm0"})
