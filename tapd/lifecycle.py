@@ -81,7 +81,7 @@ class Lifecycle:
             # guest sent is a device of its own.
             self._spawn(self._unshape, lease)
         if fence.ip_filter:
-            self._spawn(self._unfilter, lease.ifname)
+            self._spawn(self._unfilter, lease.ifindex)
 
     async def _downscript(self, lease: Lease) -> None:
         assert lease.downscript is not None
@@ -187,22 +187,22 @@ class Lifecycle:
         except Exception:
             self.log.exception("lease.unshape.failed", lease=lease.id)
 
-    async def _unfilter(self, ifname: str) -> None:
+    async def _unfilter(self, ifindex: int) -> None:
         """Take a lease's address filter (its nftables chain) away."""
         try:
-            await programs.run_nft(self.config.programs.nft, nft.remove_lease(ifname))
+            await programs.run_nft(self.config.programs.nft, nft.remove_lease(ifindex))
         except Exception as exc:
-            self.log.warning("lease.unfilter.failed", ifname=ifname, error=str(exc))
+            self.log.warning("lease.unfilter.failed", ifindex=ifindex, error=str(exc))
 
     async def _unfilter_orphans(self) -> None:
         path = self.config.programs.nft
         if not os.access(path, os.X_OK):
             return  # no nft here: no rule filters addresses, and none can be left
         listing = await programs.list_nft_table(path, "bridge", nft.TABLE)
-        leased = {lease.ifname for lease in self.registry.visible_to(0)}
-        for ifname in nft.leased_ifnames(listing or {}):
-            if ifname not in leased:
-                await self._unfilter(ifname)
+        leased = {lease.ifindex for lease in self.registry.visible_to(0)}
+        for ifindex in nft.leased_indexes(listing or {}):
+            if ifindex not in leased:
+                await self._unfilter(ifindex)
 
     async def _refence(self, lease: Lease) -> None:
         """A restarted tapd sets a restored lease's port flags again: they are
@@ -217,7 +217,7 @@ class Lifecycle:
                     self.netlink.shape, lease.ifindex, fence.ingress, fence.egress
                 )
             if fence.ip_filter:
-                document = nft.lease_rules(lease.ifname, lease.guest_mac, lease.guest_ips)
+                document = nft.lease_rules(lease.ifindex, lease.guest_mac, lease.guest_ips)
                 await programs.run_nft(self.config.programs.nft, document)
             # A tapd stopped between a fenced tap's join and its grant left it
             # down (tapd.netlink.Netlink.bring_up); fenced again, it may come up.

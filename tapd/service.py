@@ -480,7 +480,7 @@ class Service:
                 if fence.ip_filter:
                     await programs.run_nft(
                         self.config.programs.nft,
-                        nft.lease_rules(lease.ifname, lease.guest_mac, lease.guest_ips),
+                        nft.lease_rules(lease.ifindex, lease.guest_mac, lease.guest_ips),
                     )
                 await self.worker.run(self.maker.bring_up, made.ifindex)
             # Tracked before the reply goes out: the VM may close its fds (and
@@ -613,7 +613,9 @@ class Service:
             if fence.ip_filter:
                 # Most likely never loaded if this fails; reconcile drops orphans.
                 with contextlib.suppress(Exception):
-                    await programs.run_nft(self.config.programs.nft, nft.remove_lease(lease.ifname))
+                    await programs.run_nft(
+                        self.config.programs.nft, nft.remove_lease(lease.ifindex)
+                    )
 
     async def _discard(self, made: MadeTap, persistent: bool = False) -> None:
         """Remove a tap that will not be granted, off the loop: the last

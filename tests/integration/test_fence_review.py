@@ -197,3 +197,52 @@ ip_ranges = ["10.77.9.0/24"]
             )
         finally:
             daemon.call({"op": "release", "lease": "vm0"})
+
+
+# Stands in for nft(8): holds back every removal until the test opens a gate,
+# so that a lease's filter is taken away only after a new lease has come.
+SLOW_REMOVAL = """#!/bin/sh
+doc=$(cat)
+case "$doc" in *'"delete"'*)
+    while [ ! -e {gate} ]; do sleep 0.01; done ;;
+esac
+printf '%s' "$doc" | /usr/sbin/nft "$@"
+rc=$?
+case "$doc" in *'"delete"'*) touch {gate}.done ;; esac
+exit $rc
+"""
+
+
+def test_the_end_of_a_lease_never_takes_the_filter_of_the_next_tap_of_its_name(
+    ns: str, br0: str, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    wrapper = tmp_path / "nft"
+    wrapper.write_text(SLOW_REMOVAL.format(gate=gate))
+    wrapper.chmod(0o755)
+    config = f"""
+[programs]
+nft = "{wrapper}"
+
+[[allow]]
+users = ["0"]
+bridges = ["br0"]
+ip_ranges = ["10.77.9.0/24"]
+"""
+    with run_daemon(ns, tmp_path, config) as daemon:
+        daemon.request(br="br0", ifname="vm1", guest_ips=["10.77.9.5"]).close()
+        wait_until(lambda: taps(ns) == [] and daemon.leases() == [], what="the lease to end")
+        # its filter's removal is under way; a new tap of the same name comes
+        second = daemon.request(br="br0", ifname="vm1", guest_ips=["10.77.9.6"])
+        try:
+            gate.touch()
+            wait_until(lambda: Path(f"{gate}.done").exists(), what="the removal to finish")
+            table = subprocess.run(
+                ["ip", "netns", "exec", ns, "nft", "list", "table", "bridge", "tapd"],
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            assert "ip saddr != 10.77.9.6 drop" in table and '"vm1"' in table, (
+                f"the live lease on vm1 lost its address filter:\n{table}"
+            )
+        finally:
+            second.close()
