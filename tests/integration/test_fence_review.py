@@ -4,7 +4,9 @@ tool against someone else on the bridge."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -246,3 +248,31 @@ ip_ranges = ["10.77.9.0/24"]
             )
         finally:
             second.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="not fixed: any tap holder may SIOCSIFHWADDR its tap to a fenced guest's "
+    "guest_mac; br_fdb_changeaddr() replaces the guest's static entry with a local one",
+)
+def test_a_tap_holder_cannot_take_a_fenced_guests_mac_through_its_tap_address(
+    locked: Daemon,
+) -> None:
+    victim = locked.request(br="br0")
+    other = locked.request(br="br0")
+    try:
+        assert victim.guest_mac is not None
+        mac = bytes.fromhex(victim.guest_mac.replace(":", ""))
+        # what a VMM may do through its fd, with no capability (tun_chr_ioctl)
+        fcntl.ioctl(other.tap_fds[0], SIOCSIFHWADDR, struct.pack("16sH6s8x", b"", 1, mac))
+        (entry,) = fdb(locked.ns, victim.guest_mac)
+        assert entry["ifname"] == victim.ifname, (
+            f"the fenced guest's address now belongs to {entry['ifname']}: its own "
+            "frames are dropped at its locked port, and frames for it go to the host"
+        )
+    finally:
+        other.close()
+        victim.close()
+
+
+SIOCSIFHWADDR = 0x8924  # <linux/sockios.h>
