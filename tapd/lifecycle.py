@@ -118,8 +118,9 @@ class Lifecycle:
 
     async def undo(self, lease: Lease) -> None:
         """A grant was never delivered: forget its lease and remove the tap
-        tapd made for it.  Closing tapd's own fds is not enough: a client
-        that received part of a split reply holds queues, and could make them
+        tapd made for it (an adopted one leaves the bridge), with its ifb and
+        address filter.  Closing tapd's own fds is not enough: a client that
+        received part of a split reply holds queues, and could make them
         persistent."""
         if self.registry.get(lease.ifindex) is not lease:
             return
@@ -127,11 +128,21 @@ class Lifecycle:
         scope = self._watches.pop(lease.ifindex, None)
         if scope is not None:
             scope.cancel()
-        if not lease.adopted:
-            try:
+        try:
+            if lease.adopted:
+                # Still the client's tap: off the bridge, untagged, as it came.
+                await self.worker.run(self.netlink.leave_bridge, lease.ifindex)
+            else:
                 await self.worker.run(self.netlink.delete, lease.ifindex)
-            except Exception:
-                self.log.exception("lease.remove.failed", lease=lease.id)
+        except Exception:
+            self.log.exception("lease.remove.failed", lease=lease.id)
+        # The lease was forgotten before its tap went, so _ended() never sees
+        # it: what its fence made beside the tap goes here.
+        fence = Fence.from_tag(lease.fence)
+        if fence.shaped:
+            await self._unshape(lease, tap_too=lease.adopted)
+        if fence.ip_filter:
+            await self._unfilter(lease.ifindex)
 
     async def _watch(self, lease: Lease, pidfd: int, scope: trio.CancelScope) -> None:
         try:

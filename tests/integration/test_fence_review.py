@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import socket
 import struct
 import subprocess
 import sys
@@ -276,3 +277,42 @@ def test_a_tap_holder_cannot_take_a_fenced_guests_mac_through_its_tap_address(
 
 
 SIOCSIFHWADDR = 0x8924  # <linux/sockios.h>
+
+
+SHAPED_FILTERED = """
+[[allow]]
+users = ["0"]
+bridges = ["br0"]
+egress_limit = "2Mbit"
+ip_ranges = ["10.77.9.0/24"]
+"""
+
+
+def test_a_fenced_grant_never_delivered_leaves_no_ifb_and_no_filter(
+    ns: str, br0: str, tmp_path: Path
+) -> None:
+    with run_daemon(ns, tmp_path, SHAPED_FILTERED) as daemon:
+        for i in range(3):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(daemon.socket_path)
+                request = {"op": "request", "br": "br0", "guest_ips": [f"10.77.9.{i + 1}"]}
+                sock.sendall(json.dumps(request).encode() + b"\n")
+            # gone before tapd's reply: the grant is abandoned
+        wait_until(
+            lambda: sum(e.get("event") == "request.undelivered" for e in daemon.log()) == 3,
+            what="the three grants to be abandoned",
+        )
+        wait_until(lambda: taps(ns) == [], what="their taps to go")
+        assert daemon.leases() == []
+
+        def ifbs() -> list[str]:
+            return [name for name in links(ns) if name.startswith("tapdifb")]
+
+        def filters() -> str:
+            return subprocess.run(
+                ["ip", "netns", "exec", ns, "nft", "list", "table", "bridge", "tapd"],
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+
+        wait_until(lambda: ifbs() == [], what=f"the abandoned grants' ifbs to go: {ifbs()}")
+        wait_until(lambda: "chain lease-" not in filters(), what="their filters to go")
