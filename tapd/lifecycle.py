@@ -156,7 +156,8 @@ class Lifecycle:
                 if lease.adopted:
                     # The client made this tap: tapd forgets its lease, and
                     # leaves the tap to the fds that keep it - untagged, so
-                    # that a restarted tapd does not take it for a lease.
+                    # that a restarted tapd does not take it for a lease, and
+                    # off a bridge its rule fences.
                     self.registry.pop(lease.ifindex)
                     self._ended(lease, "owner-exited")
                     await self._untag(lease)
@@ -180,15 +181,16 @@ class Lifecycle:
     async def _untag(self, lease: Lease) -> None:
         try:
             if lease.fence:
-                # The client's own tap goes back to it as the kernel makes ports.
-                fence = Fence.from_tag(lease.fence)
-                mac = lease.guest_mac if fence.mac_filtering else None
-                await self.worker.run(
-                    self.netlink.clear_port, lease.ifindex, fence.port_flags(), mac
-                )
-                if fence.shaped:
+                # Whoever still holds the client's tap must not keep a port of
+                # a bridge its rule fences without that fence: the tap leaves
+                # the bridge, down and untagged, as it came (its port flags
+                # and static FDB entry go with the port; its filter and ifb
+                # with the lease, in _ended()).
+                await self.worker.run(self.netlink.leave_bridge, lease.ifindex)
+                if Fence.from_tag(lease.fence).shaped:
                     await self.worker.run(self.netlink.unshape, lease.ifindex, True)
-            await self.worker.run(self.netlink.clear_tag, lease.ifindex)
+            else:
+                await self.worker.run(self.netlink.clear_tag, lease.ifindex)
         except Exception:
             self.log.exception("lease.untag.failed", lease=lease.id)
 

@@ -427,20 +427,6 @@ class Netlink:
             for entry in self._ip.fdb("dump", ifindex=index)
         )
 
-    def clear_port(self, index: int, flags: dict[str, bool], static_mac: str | None) -> None:
-        """Undo :meth:`set_port`: the flags back to what the kernel gives a new
-        port (learning and flooding on, not locked or isolated), the static
-        entry gone.  A port already gone is no error."""
-        defaults = {"locked": 0, "isolated": 0, "learning": 1, "unicast_flood": 1}
-        try:
-            if flags:
-                self._ip.brport("set", index=index, **{k: defaults[k] for k in flags})
-            if static_mac is not None:
-                self._ip.fdb("del", ifindex=index, lladdr=static_mac, flags=NTF_MASTER)
-        except NetlinkError as exc:
-            if exc.code not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
-                raise kernel_error(_oserror(exc), f"unfencing bridge port {index}") from None
-
     def shape(self, index: int, ingress: int | None, egress: int | None) -> None:
         """Token bucket filters for what the guest on tap ``index`` receives
         (``ingress``, bits a second: the tap's root qdisc, since it leaves the
