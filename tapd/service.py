@@ -524,6 +524,19 @@ class Service:
         log: Any,
     ) -> Grant:
         decision = terms.decision
+        if (
+            what.persistent
+            and peer.uid != 0
+            and decision.tap_gid is not None
+            and decision.tap_gid not in peer.all_gids()
+        ):
+            # tun_not_capable() (drivers/net/tun.c) lets a process attach only
+            # if it is the owner and in the group: the VMM could not open it.
+            raise Denied(
+                f"{decision.rule} gives its taps to group {decision.tap_gid} (tap_group), "
+                f"which uid {peer.uid} is not in: the kernel would let only root open a "
+                "prepared tap with that group; ask the administrator"
+            ).about(rule=decision.rule)
         hooks = self.config.programs.hooks
         script = what.script and self._program("script", hooks, what.script)
         downscript = what.downscript and self._program("downscript", hooks, what.downscript)
