@@ -410,3 +410,38 @@ def test_a_helper_lease_outlives_the_session_daemon_while_qemu_holds_the_tap(
             wait_until(lambda: ifname not in taps(daemon.ns), timeout=2, what="the tap to go")
     finally:
         os.kill(int(qemu), 9)
+
+
+SEND_FROM = r"""
+import socket, sys
+sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+sock.bind((sys.argv[1], 0))
+sock.send(b"\xff" * 6 + bytes.fromhex(sys.argv[2].replace(":", "")) + b"\x88\xb5" + b"x" * 50)
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="not fixed: the static FDB entry of a guest_mac is not sticky, so any port "
+    "that learns (the uplink, an unfenced tenant) takes it over (br_fdb_update roams it)",
+)
+def test_a_learning_port_cannot_take_a_fenced_guests_mac(locked: Daemon) -> None:
+    ns = locked.ns
+    ip("-n", ns, "link", "add", "up0", "type", "veth", "peer", "name", "up1")
+    ip("-n", ns, "link", "set", "up0", "master", "br0", "up")
+    ip("-n", ns, "link", "set", "up1", "up")
+    victim = locked.request(br="br0")
+    try:
+        assert victim.guest_mac is not None
+        # someone beyond the uplink sends with the fenced guest's address
+        subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", SEND_FROM, "up1", victim.guest_mac],
+            check=True,
+        )
+        (entry,) = fdb(ns, victim.guest_mac)
+        assert entry["ifname"] == victim.ifname, (
+            f"the fenced guest's address moved to {entry['ifname']}: its frames are "
+            "dropped at its locked port, and frames for it go to the sender"
+        )
+    finally:
+        victim.close()
