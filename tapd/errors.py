@@ -145,7 +145,8 @@ class QuotaExceeded(Denied):
 
 
 class GuestMacInUse(ClientError):
-    """The guest MAC asked for belongs to a live lease already."""
+    """The guest MAC asked for belongs to a live lease already, or to the
+    bridge (its own, a port's, or a learnt neighbour's address)."""
 
     code = "guest-mac-in-use"
 

@@ -259,6 +259,12 @@ def check_guest_ips(
             address = ipaddress.ip_address(text)
         except ValueError:
             raise InvalidValue(f"guest_ips: {text!r} is not an IP address") from None
+        if getattr(address, "scope_id", None) is not None:
+            # ipaddress keeps an RFC 4007 zone ("%1") in the address and its
+            # str(), so "fd00::5%1" would not equal a live lease's "fd00::5"
+            # though nft filters both as fd00::5, and the zone's text would
+            # land in the lease tag.
+            raise InvalidValue(f"guest_ips: {text!r} has a scope (%zone); give the address alone")
         if not any(address in network for network in networks):
             raise Denied(
                 f"guest_ips: {address} is outside what {rule} allows ({', '.join(ranges)})"

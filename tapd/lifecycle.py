@@ -151,7 +151,7 @@ class Lifecycle:
             # guest sent is a device of its own.
             self._spawn(self._unshape, lease)
         if fence.ip_filter:
-            self._spawn(self._unfilter, lease.ifname)
+            self._spawn(self._unfilter, lease.ifindex)
 
     async def _downscript(self, lease: Lease) -> None:
         assert lease.downscript is not None
@@ -188,9 +188,10 @@ class Lifecycle:
 
     async def undo(self, lease: Lease) -> None:
         """A grant was never delivered: forget its lease and remove the tap
-        tapd made for it (give back one the client made).  Closing tapd's
-        own fds is not enough: a client that received part of a split reply
-        holds queues, and could make them persistent."""
+        tapd made for it (give back one the client made), with its ifb and
+        address filter.  Closing tapd's own fds is not enough: a client that
+        received part of a split reply holds queues, and could make them
+        persistent."""
         if self.registry.get(lease.ifindex) is not lease:
             return
         self.registry.pop(lease.ifindex)
@@ -205,6 +206,13 @@ class Lifecycle:
                 await self.worker.run(self.netlink.delete, lease.ifindex)
         except Exception:
             self.log.exception("lease.remove.failed", lease=lease.id)
+        # The lease was forgotten before its tap went, so _ended() never sees
+        # it: what its fence made beside the tap goes here.
+        fence = Fence.from_tag(lease.fence)
+        if fence.shaped:
+            await self._unshape(lease, tap_too=lease.adopted)
+        if fence.ip_filter:
+            await self._unfilter(lease.ifindex)
 
     async def _watch(self, lease: Lease, pidfd: int, scope: trio.CancelScope) -> None:
         try:
@@ -307,22 +315,22 @@ class Lifecycle:
         except Exception:
             self.log.exception("lease.unshape.failed", lease=lease.id)
 
-    async def _unfilter(self, ifname: str) -> None:
+    async def _unfilter(self, ifindex: int) -> None:
         """Take a lease's address filter (its nftables chain) away."""
         try:
-            await programs.run_nft(self.config.programs.nft, nft.remove_lease(ifname))
+            await programs.run_nft(self.config.programs.nft, nft.remove_lease(ifindex))
         except Exception as exc:
-            self.log.warning("lease.unfilter.failed", ifname=ifname, error=str(exc))
+            self.log.warning("lease.unfilter.failed", ifindex=ifindex, error=str(exc))
 
     async def _unfilter_orphans(self) -> None:
         path = self.config.programs.nft
         if not os.access(path, os.X_OK):
             return  # no nft here: no rule filters addresses, and none can be left
         listing = await programs.list_nft_table(path, "bridge", nft.TABLE)
-        leased = {lease.ifname for lease in self.registry.visible_to(0)}
-        for ifname in nft.leased_ifnames(listing or {}):
-            if ifname not in leased:
-                await self._unfilter(ifname)
+        leased = {lease.ifindex for lease in self.registry.visible_to(0)}
+        for ifindex in nft.leased_indexes(listing or {}):
+            if ifindex not in leased:
+                await self._unfilter(ifindex)
 
     async def _refence(self, lease: Lease) -> None:
         """A restarted tapd sets a restored lease's port flags again: they are
@@ -337,8 +345,11 @@ class Lifecycle:
                     self.netlink.shape, lease.ifindex, fence.ingress, fence.egress
                 )
             if fence.ip_filter:
-                document = nft.lease_rules(lease.ifname, lease.guest_mac, lease.guest_ips)
+                document = nft.lease_rules(lease.ifindex, lease.guest_mac, lease.guest_ips)
                 await programs.run_nft(self.config.programs.nft, document)
+            # A tapd stopped between a fenced tap's join and its grant left it
+            # down (tapd.netlink.Netlink.bring_up); fenced again, it may come up.
+            await self.worker.run(self.netlink.bring_up, lease.ifindex)
         except Exception:
             self.log.exception("lease.fence.failed", lease=lease.id)
         else:

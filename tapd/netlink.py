@@ -33,7 +33,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_LINK
 
 from . import log, tun
-from .errors import BridgeNotFound, NotABridge, kernel_error
+from .errors import BridgeNotFound, GuestMacInUse, KernelError, NotABridge, kernel_error
 from .fence import ifb_name, ifb_tap
 
 
@@ -293,10 +293,16 @@ class Netlink:
         return bridge, str(msg.get("IFLA_ADDRESS"))
 
     def join_bridge(
-        self, index: int, name: str, bridge: Bridge, mac: str, alias: str | None = None
+        self,
+        index: int,
+        name: str,
+        bridge: Bridge,
+        mac: str,
+        alias: str | None = None,
+        up: bool = True,
     ) -> None:
         """Copy the bridge's MTU, set the address (and the lease tag), enslave,
-        bring up.
+        bring up (unless ``up`` is false: see :meth:`bring_up`).
 
         rtnetlink's do_setlink() applies IFLA_ADDRESS and IFLA_MTU before
         IFLA_MASTER, so one message would do; but an IFLA_IFALIAS makes it
@@ -310,12 +316,13 @@ class Netlink:
             IFLA_MTU, _U32.pack(bridge.mtu)
         )
         join = _nla(IFLA_MASTER, _U32.pack(bridge.index))
+        flag = IFF_UP if up else 0
         if alias is None:
-            steps = [_IFINFOMSG.pack(0, 0, index, IFF_UP, IFF_UP) + config + join]
+            steps = [_IFINFOMSG.pack(0, 0, index, flag, IFF_UP) + config + join]
         else:
             steps = [
                 _IFINFOMSG.pack(0, 0, index, 0, 0) + config + _nla(IFLA_IFALIAS, alias.encode()),
-                _IFINFOMSG.pack(0, 0, index, IFF_UP, IFF_UP) + join,
+                _IFINFOMSG.pack(0, 0, index, flag, IFF_UP) + join,
             ]
         for step, body in enumerate(steps):
             err = self._request(RTM_NEWLINK, body)
@@ -338,6 +345,16 @@ class Netlink:
             raise kernel_error(
                 OSError(err, os.strerror(err)), f"attaching {name!r} to bridge {bridge.name!r}"
             )
+
+    def bring_up(self, index: int) -> None:
+        """Bring a port up that joined its bridge down.  A port whose device
+        is down is BR_STATE_DISABLED, and br_handle_frame() drops what arrives
+        on it: a fenced tap joins down and comes up only once its fence is in
+        place, since whoever may attach to it (an adopted tap's client, a
+        prepared or multi-queue tap's owner) could send the moment it is up."""
+        err = self._request(RTM_NEWLINK, _IFINFOMSG.pack(0, 0, index, IFF_UP, IFF_UP))
+        if err:
+            raise kernel_error(OSError(err, os.strerror(err)), f"bringing up interface {index}")
 
     def clear_tag(self, index: int) -> None:
         """Remove a lease tag (an empty IFLA_IFALIAS); a tap already gone is
@@ -393,30 +410,43 @@ class Netlink:
         """Bridge port flags (IFLA_BRPORT_* through IFLA_INFO_SLAVE_DATA, which
         rtnetlink applies only to a port that already has its master) and a
         static FDB entry for ``static_mac`` on that port (what ``bridge fdb
-        replace MAC dev PORT master static`` does: NTF_MASTER, NUD_NOARP)."""
+        add MAC dev PORT master static`` does: NTF_MASTER, NUD_NOARP).
+
+        The entry is added, never replaced: net/bridge/br_fdb.c fdb_add_entry()
+        moves an existing entry to the new port and clears BR_FDB_LOCAL, so a
+        replace with the bridge's own address, another port's, or one the
+        bridge learnt (the uplink's router) would send that address's traffic
+        to this guest.  An address the bridge already knows is refused, unless
+        it is this port's own static entry (a restarted tapd fencing again)."""
         try:
             if flags:
                 self._ip.brport("set", index=index, **{k: int(v) for k, v in flags.items()})
             if static_mac is not None:
-                self._ip.fdb(
-                    "replace", ifindex=index, lladdr=static_mac, flags=NTF_MASTER, state=NUD_NOARP
-                )
+                try:
+                    self._ip.fdb(
+                        "add", ifindex=index, lladdr=static_mac, flags=NTF_MASTER, state=NUD_NOARP
+                    )
+                except NetlinkError as exc:
+                    if exc.code != errno.EEXIST:
+                        raise
+                    if not self._static_on(index, static_mac):
+                        raise GuestMacInUse(
+                            f"guest_mac {static_mac} is already known to the bridge (its own "
+                            "address, a port's, or a neighbour's it learnt); leave guest_mac "
+                            "out and tapd picks a free one"
+                        ) from None
         except NetlinkError as exc:
             raise kernel_error(_oserror(exc), f"fencing bridge port {index}") from None
 
-    def clear_port(self, index: int, flags: dict[str, bool], static_mac: str | None) -> None:
-        """Undo :meth:`set_port`: the flags back to what the kernel gives a new
-        port (learning and flooding on, not locked or isolated), the static
-        entry gone.  A port already gone is no error."""
-        defaults = {"locked": 0, "isolated": 0, "learning": 1, "unicast_flood": 1}
-        try:
-            if flags:
-                self._ip.brport("set", index=index, **{k: defaults[k] for k in flags})
-            if static_mac is not None:
-                self._ip.fdb("del", ifindex=index, lladdr=static_mac, flags=NTF_MASTER)
-        except NetlinkError as exc:
-            if exc.code not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
-                raise kernel_error(_oserror(exc), f"unfencing bridge port {index}") from None
+    def _static_on(self, index: int, mac: str) -> bool:
+        """Whether port ``index`` has a static FDB entry for ``mac``."""
+        return any(
+            entry.get("NDA_LLADDR") == mac
+            and entry["ifindex"] == index
+            and entry["state"] & NUD_NOARP
+            and entry.get("NDA_MASTER") is not None
+            for entry in self._ip.fdb("dump", ifindex=index)
+        )
 
     def shape(self, index: int, ingress: int | None, egress: int | None) -> None:
         """Token bucket filters for what the guest on tap ``index`` receives
@@ -431,9 +461,11 @@ class Netlink:
             if egress is None:
                 return
             name = ifb_name(index)
-            if not self._ip.link_lookup(ifname=name):
+            ifb = self._ifb(name)
+            if ifb is None:
                 self._ip.link("add", ifname=name, kind="ifb")
-            (ifb,) = self._ip.link_lookup(ifname=name)
+                ifb = self._ifb(name)
+                assert ifb is not None
             self._ip.link("set", index=ifb, state="up")
             self._ip.tc("replace", "tbf", index=ifb, handle="1:", **_tbf(egress))
             # A fresh ingress qdisc each time, so the one redirect is never doubled.
@@ -460,9 +492,29 @@ class Netlink:
         if tap_too:
             self._del_qdisc(index, _TC_H_ROOT)
             self._del_qdisc(index, _TC_H_INGRESS)
-        for ifb in self._ip.link_lookup(ifname=ifb_name(index)):
-            with contextlib.suppress(NetlinkError):
-                self._ip.link("del", index=ifb)
+        with contextlib.suppress(KernelError, NetlinkError):
+            ifb = self._ifb(ifb_name(index))
+            if ifb is not None:
+                with contextlib.suppress(NetlinkError):
+                    self._ip.link("del", index=ifb)
+
+    def _ifb(self, name: str) -> int | None:
+        """The index of tapd's ifb device ``name``, None if there is none; an
+        interface of that name that is no ifb is never taken for one (what the
+        guest sends would be redirected to it)."""
+        try:
+            (msg,) = self._ip.link("get", ifname=name)
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return None
+            raise
+        kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+        if kind != "ifb":
+            raise KernelError(
+                f"interface {name!r} is a {kind or 'plain'} device where tapd shapes "
+                "through an ifb of that name; remove or rename it"
+            )
+        return int(msg["index"])
 
     def _del_qdisc(self, index: int, parent: int) -> None:
         """Remove the qdisc at ``parent`` (root or ingress), if there is one.
@@ -477,11 +529,12 @@ class Netlink:
 
     def orphan_ifbs(self) -> list[int]:
         """Indexes of ifb devices tapd made for taps that are gone."""
-        links = {int(m["index"]): str(m.get("IFLA_IFNAME")) for m in self._ip.link("dump")}
+        links = {int(m["index"]): m for m in self._ip.link("dump")}
         orphans = []
-        for index, name in links.items():
-            tap = ifb_tap(name)
-            if tap is not None and tap not in links:
+        for index, msg in links.items():
+            tap = ifb_tap(str(msg.get("IFLA_IFNAME")))
+            kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+            if tap is not None and tap not in links and kind == "ifb":
                 orphans.append(index)
         return orphans
 
@@ -541,10 +594,12 @@ class Netlink:
         return TunLink(name=str(msg.get("IFLA_IFNAME")), info=info, flags=flags)
 
     def give_back(self, index: int) -> bool:
-        """Detach an interface from its bridge and remove its lease tag, in
-        one RTM_NEWLINK (IFLA_MASTER 0 is "no master": do_set_master()).
-        False if it was already gone."""
-        body = _IFINFOMSG.pack(0, 0, index, 0, 0) + _nla(IFLA_MASTER, _U32.pack(0))
+        """Detach an interface from its bridge, bring it down and remove its
+        lease tag, in one RTM_NEWLINK (IFLA_MASTER 0 is "no master":
+        do_set_master()): a client's tap back as its maker handed it over
+        (tapd adopts only a tap that is down and nobody's port).  False if it
+        was already gone."""
+        body = _IFINFOMSG.pack(0, 0, index, 0, IFF_UP) + _nla(IFLA_MASTER, _U32.pack(0))
         err = self._request(RTM_NEWLINK, body + _nla(IFLA_IFALIAS, b""))
         if err == errno.ENODEV:
             return False

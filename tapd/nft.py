@@ -3,7 +3,11 @@
 A rule with ``ip_ranges`` lets a guest use only the addresses its request
 named (``guest_ips``, inside those ranges).  Frames from its tap pass through
 one chain of the lease's own in the bridge family's table ``tapd``, reached
-from the ``prerouting`` hook by a verdict map keyed on the input interface:
+from the ``prerouting`` hook by a verdict map keyed on the input interface's
+index.  Not its name: a client may ask for the name of a tap that just went,
+and the removal of the old lease's filter (which runs when the kernel
+announces the old tap's end) would then take the new lease's away.  An index
+is not reused while the kernel hands out new ones.
 
 * ARP: the sender hardware address must be the lease's ``guest_mac`` and the
   sender IP one of its IPv4 addresses (or 0.0.0.0, an RFC 5227 probe): no
@@ -30,8 +34,12 @@ _T = {"family": "bridge", "table": TABLE}
 _LINK_LOCAL = ipaddress.IPv6Network("fe80::/10")
 
 
-def chain_name(ifname: str) -> str:
-    return f"lease-{ifname}"
+#: the verdict map from input interface index to lease chain
+MAP = "taps"
+
+
+def chain_name(ifindex: int) -> str:
+    return f"lease-{ifindex}"
 
 
 def _hex(address: ipaddress.IPv6Address) -> str:
@@ -63,7 +71,7 @@ def _base() -> list[dict[str, Any]]:
     """The table, the map and the hook: made or made again, never doubled."""
     return [
         {"add": {"table": {"family": "bridge", "name": TABLE}}},
-        {"add": {"map": {**_T, "name": "ports", "type": "ifname", "map": "verdict"}}},
+        {"add": {"map": {**_T, "name": MAP, "type": "iface_index", "map": "verdict"}}},
         {
             "add": {
                 "chain": {
@@ -82,19 +90,19 @@ def _base() -> list[dict[str, Any]]:
                 "rule": {
                     **_T,
                     "chain": "prerouting",
-                    "expr": [{"vmap": {"key": {"meta": {"key": "iifname"}}, "data": "@ports"}}],
+                    "expr": [{"vmap": {"key": {"meta": {"key": "iif"}}, "data": f"@{MAP}"}}],
                 }
             }
         },
     ]
 
 
-def lease_rules(ifname: str, guest_mac: str | None, ips: tuple[str, ...]) -> dict[str, Any]:
-    """The transaction that fences tap ``ifname`` to ``ips`` (idempotent)."""
+def lease_rules(ifindex: int, guest_mac: str | None, ips: tuple[str, ...]) -> dict[str, Any]:
+    """The transaction that fences tap ``ifindex`` to ``ips`` (idempotent)."""
     addresses = [ipaddress.ip_address(ip) for ip in ips]
     v4 = sorted(str(a) for a in addresses if a.version == 4)
     v6 = [a for a in addresses if isinstance(a, ipaddress.IPv6Address)]
-    chain = chain_name(ifname)
+    chain = chain_name(ifindex)
     link_local = {"prefix": {"addr": "fe80::", "len": 10}}
     link_local_raw = {
         "range": [_hex(_LINK_LOCAL.network_address), _hex(_LINK_LOCAL.broadcast_address)]
@@ -142,26 +150,27 @@ def lease_rules(ifname: str, guest_mac: str | None, ips: tuple[str, ...]) -> dic
         {"flush": {"chain": {**_T, "name": chain}}},
         *({"add": {"rule": {**_T, "chain": chain, "expr": expr}}} for expr in rules),
         # the same element added again (a restarted tapd) is no error
-        {"add": {"element": {**_T, "name": "ports", "elem": [[ifname, _jump(chain)]]}}},
+        {"add": {"element": {**_T, "name": MAP, "elem": [[ifindex, _jump(chain)]]}}},
     ]
     return {"nftables": doc}
 
 
-def remove_lease(ifname: str) -> dict[str, Any]:
+def remove_lease(ifindex: int) -> dict[str, Any]:
     """The transaction that takes a lease's chain away (its map entry first)."""
     return {
         "nftables": [
-            {"delete": {"element": {**_T, "name": "ports", "elem": [ifname]}}},
-            {"delete": {"chain": {**_T, "name": chain_name(ifname)}}},
+            {"delete": {"element": {**_T, "name": MAP, "elem": [ifindex]}}},
+            {"delete": {"chain": {**_T, "name": chain_name(ifindex)}}},
         ]
     }
 
 
-def leased_ifnames(listing: dict[str, Any]) -> list[str]:
-    """Interfaces with a chain in ``nft -j list table bridge tapd``'s output."""
-    names = []
+def leased_indexes(listing: dict[str, Any]) -> list[int]:
+    """Interface indexes with a chain in ``nft -j list table bridge tapd``'s output."""
+    indexes = []
     for item in listing.get("nftables", []):
         chain = item.get("chain")
-        if chain and chain.get("name", "").startswith("lease-"):
-            names.append(chain["name"].removeprefix("lease-"))
-    return names
+        suffix = chain.get("name", "").removeprefix("lease-") if chain else ""
+        if chain and chain["name"].startswith("lease-") and suffix.isdigit():
+            indexes.append(int(suffix))
+    return indexes

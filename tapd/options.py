@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import Denied, InvalidIfname, InvalidOptions, InvalidValue, NotApplicable
+from .fence import IFB_PREFIX
 from .models import IFNAMSIZ, MAX_TAP_QUEUES, TapOptions
 
 # Stricter than the kernel's dev_valid_name() (which forbids only "/", ":",
@@ -38,6 +39,10 @@ def ifname_problem(name: str) -> str | None:
         # The name is the argument of the admin's hooks (QEMU runs a script
         # as `SCRIPT IFNAME`): "--help" would be read as an option.
         return f"{name!r} starts with '-', which programs given it would take for an option"
+    if name.startswith(IFB_PREFIX):
+        # tapd finds the ifb that shapes tap N by its name (tapd.fence.ifb_name):
+        # a tap of a client's so named would be handed another guest's traffic.
+        return f"{name!r} starts with {IFB_PREFIX!r}, the names of tapd's own shaping devices"
     if not _IFNAME.fullmatch(name):
         return (
             f"{name!r} has characters an interface name may not use here; "

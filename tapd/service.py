@@ -9,6 +9,7 @@ leaves bytes to :mod:`tapd.server` and syscalls to :mod:`tapd.taps`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -524,22 +525,26 @@ class Service:
         downscript_path: str | None = None,
     ) -> Grant:
         lease = dataclasses.replace(lease, ifname=made.ifname, ifindex=made.ifindex)
+        fence = Fence.from_tag(lease.fence)
         try:
             if lease.fence:
-                # Fenced before anyone but tapd holds a queue: the guest never
-                # has a moment on an open port.
-                fence = Fence.from_tag(lease.fence)
+                # The port joined down (a disabled port: the bridge drops what
+                # arrives on it) and comes up fenced.  Whoever may attach to
+                # the tap already - an adopted tap's client, a prepared or
+                # multi-queue tap's owner - never has a moment on an open port.
                 await self.worker.run(self.maker.fence, made.ifindex, fence, lease.guest_mac)
                 if fence.ip_filter:
                     await programs.run_nft(
                         self.config.programs.nft,
-                        nft.lease_rules(lease.ifname, lease.guest_mac, lease.guest_ips),
+                        nft.lease_rules(lease.ifindex, lease.guest_mac, lease.guest_ips),
                     )
+                await self.worker.run(self.maker.bring_up, made.ifindex)
             # Tracked before the reply goes out: the VM may close its fds (and
             # the kernel announce the tap's end) the moment it has them.
             self.lifecycle.begin(lease, owner_.take())
         except BaseException:
             close_all(fds)  # the tap fds we made (an adopted tap's stay the client's)
+            await self._unfence(lease, fence, log)
             if lease.prepared:
                 await self._discard(made, persistent=True)
             raise
@@ -575,6 +580,19 @@ class Service:
         log: Any,
     ) -> Grant:
         decision = terms.decision
+        if (
+            what.persistent
+            and peer.uid != 0
+            and decision.tap_gid is not None
+            and decision.tap_gid not in peer.all_gids()
+        ):
+            # tun_not_capable() (drivers/net/tun.c) lets a process attach only
+            # if it is the owner and in the group: the VMM could not open it.
+            raise Denied(
+                f"{decision.rule} gives its taps to group {decision.tap_gid} (tap_group), "
+                f"which uid {peer.uid} is not in: the kernel would let only root open a "
+                "prepared tap with that group; ask the administrator"
+            ).about(rule=decision.rule)
         hooks = self.config.programs.hooks
         script = what.script and self._program("script", hooks, what.script)
         downscript = what.downscript and self._program("downscript", hooks, what.downscript)
@@ -598,6 +616,7 @@ class Service:
             name_template=self.config.taps.name_template,
             vhost=self._vhost(what.vhost),
             alias=lease.tag(),
+            up=not decision.fence.wanted,
         )
         if what.persistent:
             # Worker: besides joining, the last close of tapd's queue waits
@@ -647,6 +666,26 @@ class Service:
             bridge = await self.worker.run(self.maker.bridge, name)
         return bridge
 
+    async def _unfence(self, lease: Lease, fence: Fence, log: Any) -> None:
+        """Undo what :meth:`_grant` set up for a lease it could not start: an
+        adopted tap off the bridge, no ifb, no address filter.  Each step is
+        tried; the error that got here is the one the client sees.  A tap
+        another request leased meanwhile (two adoptions of one tap) is left
+        to that lease."""
+        if self.lifecycle.registry.get(lease.ifindex) is not None:
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                await self.worker.run(self.maker.unfence, lease.ifindex, fence, lease.adopted)
+            except Exception as exc:
+                log.warning("lease.unfence.failed", ifname=lease.ifname, error=str(exc))
+            if fence.ip_filter:
+                # Most likely never loaded if this fails; reconcile drops orphans.
+                with contextlib.suppress(Exception):
+                    await programs.run_nft(
+                        self.config.programs.nft, nft.remove_lease(lease.ifindex)
+                    )
+
     async def _discard(self, made: MadeTap, persistent: bool = False) -> None:
         """Remove a tap that will not be granted, off the loop: the last
         close of a queue waits for an RCU grace period, and a persistent tap
@@ -680,6 +719,7 @@ class Service:
             alias=lease.tag(),
             require_owner=None if peer.uid == 0 else peer.uid,
             leased=self.lifecycle.registry.indexes(),
+            up=not terms.decision.fence.wanted,
         )
         made = await self.worker.run(self.maker.adopt, spec)
         # The client keeps its own tap fds; only vhost fds go back.
@@ -709,6 +749,7 @@ class Service:
                 vhost=self._vhost(what.vhost),
                 alias=lease.tag(),
                 leased=self.lifecycle.registry.indexes(),
+                up=not decision.fence.wanted,
             )
             made = await self.worker.run(self.maker.adopt, spec)
         except BaseException:

@@ -53,6 +53,8 @@ class TapSpec:
     name_template: str = "tap{rand}"
     vhost: VhostSpec | None = None  # open one vhost fd per queue
     alias: str | None = None  # the lease tag
+    #: bring the port up as it joins (False: a fence comes first, then bring_up)
+    up: bool = True
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ class AdoptSpec:
     require_owner: int | None = None
     #: interfaces that already have a lease: never adopted twice
     leased: frozenset[int] = frozenset()
+    #: bring the port up as it joins (False: a fence comes first, then bring_up)
+    up: bool = True
 
 
 @dataclass
@@ -111,6 +115,10 @@ class TapMaker(Protocol):
     def remove(self, index: int) -> bool: ...
 
     def fence(self, index: int, fence: Fence, guest_mac: str | None) -> None: ...
+
+    def unfence(self, index: int, fence: Fence, adopted: bool) -> None: ...
+
+    def bring_up(self, index: int) -> None: ...
 
     def adopt(self, spec: AdoptSpec) -> MadeTap: ...
 
@@ -347,7 +355,7 @@ class KernelTaps:
             tun.set_persist(fd, True)
             persistent = True
             made.ifindex = tun.ifindex(name)
-            self.netlink.join_bridge(made.ifindex, name, bridge, made.mac, spec.alias)
+            self.netlink.join_bridge(made.ifindex, name, bridge, made.mac, spec.alias, spec.up)
         except BaseException:
             if persistent:
                 try:
@@ -368,6 +376,22 @@ class KernelTaps:
         self.netlink.set_port(index, fence.port_flags(), mac)
         if fence.shaped:
             self.netlink.shape(index, fence.ingress, fence.egress)
+
+    def bring_up(self, index: int) -> None:
+        """Bring up a fenced tap's port, which joined down (any thread)."""
+        self.netlink.bring_up(index)
+
+    def unfence(self, index: int, fence: Fence, adopted: bool) -> None:
+        """Undo :meth:`fence` and the join for a tap that will not be granted
+        (worker thread).  A tap tapd made goes when its fds close, its qdiscs
+        and port flags with it, but not the ifb that shaped it; an adopted tap
+        stays its client's, so it leaves the bridge as well: it must not stay
+        a port without its fence, nor keep a tag a restarted tapd would take
+        for a lease."""
+        if adopted:
+            self.netlink.give_back(index)
+        if fence.shaped:
+            self.netlink.unshape(index, tap_too=adopted)
 
     def remove(self, index: int) -> bool:
         """Remove a tap by index, held or persistent (worker thread); False if
@@ -443,7 +467,7 @@ class KernelTaps:
                 tun.set_group(made.fds[0], spec.owner_gid)
         self._open_vhost(made, spec.vhost)
         made.ifindex = tun.ifindex(made.ifname)
-        self.netlink.join_bridge(made.ifindex, made.ifname, bridge, made.mac, spec.alias)
+        self.netlink.join_bridge(made.ifindex, made.ifname, bridge, made.mac, spec.alias, spec.up)
 
     def _prepare(self, made: MadeTap, sndbuf: int | None) -> None:
         # As QEMU's net_tap_fd_init() + tap_set_sndbuf() do for every queue:

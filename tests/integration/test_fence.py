@@ -201,7 +201,9 @@ def test_an_adopted_tap_goes_back_unfenced(ns: str, br0: str, tmp_path: Path) ->
             wait_until(lambda: "master" not in links(ns)["own0"], what="own0 to leave br0")
             assert tbf_rate(ns, "own0") is None
             assert [q["kind"] for q in qdiscs(ns, "own0") if q["kind"] == "ingress"] == []
-            assert links(ns)["own0"].get("ifalias") in (None, "")
+            link = links(ns)["own0"]
+            assert not link.get("ifalias") and "UP" not in link["flags"], link
+            assert static_macs(ns, "own0") == []
         finally:
             adopter.kill()
             adopter.wait()
@@ -326,9 +328,9 @@ ip_ranges = ["10.77.9.0/24", "fd00:77:9::/64"]
 """
 
 
-def nft_chain(ns: str, ifname: str) -> str | None:
+def nft_chain(ns: str, ifindex: int) -> str | None:
     done = subprocess.run(
-        ["ip", "netns", "exec", ns, "nft", "list", "chain", "bridge", "tapd", f"lease-{ifname}"],
+        ["ip", "netns", "exec", ns, "nft", "list", "chain", "bridge", "tapd", f"lease-{ifindex}"],
         capture_output=True, text=True,
     )  # fmt: skip
     return done.stdout if done.returncode == 0 else None
@@ -345,8 +347,9 @@ def test_an_address_filtered_grant_passes_only_its_guest_ips(
             daemon.request(br="br0", guest_ips=["10.77.10.5"])
         assert exc.value.code == "denied" and "outside" in exc.value.message
         grant = daemon.request(br="br0", guest_ips=["10.77.9.5", "fd00:77:9::5"])
+        index = links(ns)[grant.ifname]["ifindex"]
         try:
-            rules = nft_chain(ns, grant.ifname)
+            rules = nft_chain(ns, index)
             assert rules is not None
             assert f"arp saddr ether != {grant.guest_mac} drop" in rules
             assert "arp saddr ip != { 0.0.0.0, 10.77.9.5 } drop" in rules
@@ -359,7 +362,7 @@ def test_an_address_filtered_grant_passes_only_its_guest_ips(
         finally:
             grant.close()
         wait_until(lambda: taps(ns) == [], what="the tap to go")
-        wait_until(lambda: nft_chain(ns, grant.ifname) is None, what="its filter to go")
+        wait_until(lambda: nft_chain(ns, index) is None, what="its filter to go")
 
 
 def test_a_restarted_tapd_filters_again_and_drops_filters_of_taps_gone_meanwhile(
@@ -378,24 +381,25 @@ def test_a_restarted_tapd_filters_again_and_drops_filters_of_taps_gone_meanwhile
         try:
             assert holder.stdout is not None
             name = holder.stdout.readline().split()[0]
-            assert nft_chain(ns, name) is not None and nft_chain(ns, gone.ifname) is not None
+            index, gone_index = (links(ns)[n]["ifindex"] for n in (name, gone.ifname))
+            assert nft_chain(ns, index) is not None and nft_chain(ns, gone_index) is not None
             first.stop(signal.SIGKILL)
             subprocess.run(
                 ["ip", "netns", "exec", ns, "nft", "delete", "element", "bridge", "tapd",
-                 "ports", "{", name, "}"],
+                 "taps", "{", str(index), "}"],
                 check=True,
             )  # fmt: skip
             subprocess.run(
                 ["ip", "netns", "exec", ns, "nft", "delete", "chain", "bridge", "tapd",
-                 f"lease-{name}"],
+                 f"lease-{index}"],
                 check=True,
             )  # fmt: skip
             gone.close()
             wait_until(lambda: gone.ifname not in links(ns), what="the other tap to go")
             with run_daemon(ns, second_dir, FILTERED) as second:
                 wait_until(lambda: len(second.leases()) == 1, what="the lease to be restored")
-                wait_until(lambda: nft_chain(ns, gone.ifname) is None, what="the orphan to go")
-                rules = nft_chain(ns, name)
+                wait_until(lambda: nft_chain(ns, gone_index) is None, what="the orphan to go")
+                rules = nft_chain(ns, index)
                 assert rules is not None and "ip saddr != 10.77.9.7 drop" in rules
                 (lease,) = second.leases()
                 assert lease["guest_ips"] == ["10.77.9.7"]

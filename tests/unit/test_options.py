@@ -309,7 +309,8 @@ def test_bridge_name_is_validated(br: str, fields: dict[str, object]) -> None:
 
 
 @pytest.mark.parametrize(
-    "ifname", ["", "a" * 16, "tap/0", "tap:0", ".", "tap%d", "tap\u00e9", "-x", "--help"]
+    "ifname",
+    ["", "a" * 16, "tap/0", "tap:0", ".", "tap%d", "tap\u00e9", "-x", "--help", "tapdifb1a"],
 )
 def test_ifname_is_validated(ifname: str) -> None:
     with pytest.raises(errors.InvalidIfname) as caught:
