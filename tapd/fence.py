@@ -84,11 +84,21 @@ def check_prefix(prefix: str) -> str:
     return value
 
 
-def choose_mac(wanted: str | None, prefix: str, taken: Container[str]) -> str:
+def choose_mac(
+    wanted: str | None, prefix: str, taken: Container[str], within_prefix: bool = False
+) -> str:
     """The guest MAC for a new lease: ``wanted`` if free, else a fresh one
-    under ``prefix`` that no live lease has."""
+    under ``prefix`` that no live lease has.  ``within_prefix`` (a rule that
+    filters MACs): ``wanted`` too must be under ``prefix``, the addresses the
+    admin keeps for guests, since its static, sticky FDB entry holds that
+    address on this port for the lease's life, whoever else has it."""
     if wanted is not None:
         mac = parse_mac(wanted)
+        if within_prefix and not mac.startswith(prefix + ":"):
+            raise Denied(
+                f"guest_mac {mac} is not under {prefix}, the guest MACs this bridge's rule "
+                "holds for guests; leave guest_mac out and tapd picks one"
+            )
         if mac in taken:
             raise GuestMacInUse(
                 f"guest_mac {mac} is already the guest MAC of a live lease; "
@@ -265,7 +275,10 @@ def check_guest_ips(
             # though nft filters both as fd00::5, and the zone's text would
             # land in the lease tag.
             raise InvalidValue(f"guest_ips: {text!r} has a scope (%zone); give the address alone")
-        if not any(address in network for network in networks):
+        # An IPv6 link-local address is the link's, not a range's: a guest
+        # whose link-local is not the one its MAC gives (stable privacy) names it.
+        link_local = address.version == 6 and address.is_link_local
+        if not link_local and not any(address in network for network in networks):
             raise Denied(
                 f"guest_ips: {address} is outside what {rule} allows ({', '.join(ranges)})"
             ).about(rule=rule)

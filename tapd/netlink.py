@@ -157,6 +157,7 @@ IFLA_IFALIAS = 20
 # <linux/neighbour.h>: a bridge FDB entry that points at a port (not the port
 # device's own table), and "static" as bridge(8) spells NUD_NOARP
 NTF_MASTER = 0x04
+NTF_STICKY = 0x40  # an entry learning on another port may not move
 NUD_NOARP = 0x40
 
 #: <linux/if_ether.h>: every protocol, for a filter that matches every frame
@@ -423,8 +424,14 @@ class Netlink:
                 self._ip.brport("set", index=index, **{k: int(v) for k, v in flags.items()})
             if static_mac is not None:
                 try:
+                    # sticky: learning elsewhere (the uplink, an unfenced
+                    # port) never roams it (br_fdb_update(): BR_FDB_STICKY)
                     self._ip.fdb(
-                        "add", ifindex=index, lladdr=static_mac, flags=NTF_MASTER, state=NUD_NOARP
+                        "add",
+                        ifindex=index,
+                        lladdr=static_mac,
+                        flags=NTF_MASTER | NTF_STICKY,
+                        state=NUD_NOARP,
                     )
                 except NetlinkError as exc:
                     if exc.code != errno.EEXIST:

@@ -14,9 +14,10 @@ is not reused while the kernel hands out new ones.
   ARP reply for someone else's address;
 * IPv4: the source must be one of its addresses (a DHCP discover from
   0.0.0.0 to port 67 passes);
-* IPv6: the source must be one of its addresses, link-local or unspecified
-  (DAD), and a neighbour advertisement's target one of its addresses or
-  link-local: no ND answer for someone else's address;
+* IPv6: the source must be one of its addresses, the link-local address its
+  MAC gives it (EUI-64) or unspecified (DAD), and a neighbour
+  advertisement's target one of those: no ND answer for someone else's
+  address; a guest sends no router advertisement and no redirect;
 * any other ethertype (VLAN tags included) is dropped.
 
 The documents are nft's JSON (libnftables-json(5)), which the ``nft`` tool
@@ -31,11 +32,19 @@ from typing import Any
 
 TABLE = "tapd"
 _T = {"family": "bridge", "table": TABLE}
-_LINK_LOCAL = ipaddress.IPv6Network("fe80::/10")
 
 
 #: the verdict map from input interface index to lease chain
 MAP = "taps"
+
+
+def eui64_link_local(mac: str) -> ipaddress.IPv6Address:
+    """The link-local address a NIC with ``mac`` forms by default (modified
+    EUI-64, RFC 4291 appendix A: the universal/local bit flipped, ff:fe in
+    the middle)."""
+    octets = bytes.fromhex(mac.replace(":", ""))
+    iid = bytes([octets[0] ^ 0x02]) + octets[1:3] + b"\xff\xfe" + octets[3:]
+    return ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + iid)
 
 
 def chain_name(ifindex: int) -> str:
@@ -103,10 +112,13 @@ def lease_rules(ifindex: int, guest_mac: str | None, ips: tuple[str, ...]) -> di
     v4 = sorted(str(a) for a in addresses if a.version == 4)
     v6 = [a for a in addresses if isinstance(a, ipaddress.IPv6Address)]
     chain = chain_name(ifindex)
-    link_local = {"prefix": {"addr": "fe80::", "len": 10}}
-    link_local_raw = {
-        "range": [_hex(_LINK_LOCAL.network_address), _hex(_LINK_LOCAL.broadcast_address)]
-    }
+    # Link-local IPv6: the address the guest forms from its MAC (EUI-64,
+    # RFC 4291 appendix A), and any it named; never another's, such as the
+    # router's fe80::1.
+    own_v6 = [*v6]
+    if guest_mac is not None:
+        own_v6.append(eui64_link_local(guest_mac))
+    own_v6 = sorted(set(own_v6))
     rules: list[list[dict[str, Any]]] = []
     if guest_mac is not None:
         rules.append(
@@ -127,8 +139,16 @@ def lease_rules(ifindex: int, guest_mac: str | None, ips: tuple[str, ...]) -> di
                  if v4 else [_protocol("ip"), _DROP])  # fmt: skip
     rules.append(
         [_protocol("ip6"),
-         _match(_field("ip6", "saddr"), "!=", {"set": [*map(str, v6), "::", link_local]}), _DROP]
+         _match(_field("ip6", "saddr"), "!=", {"set": [*map(str, own_v6), "::"]}), _DROP]
     )  # fmt: skip
+    # A guest is no router: no router advertisement, no redirect.
+    rules.append(
+        [
+            _protocol("ip6"),
+            _match(_field("icmpv6", "type"), "==", {"set": ["nd-router-advert", "nd-redirect"]}),
+            _DROP,
+        ]
+    )
     rules.append(
         [
             _protocol("ip6"),
@@ -136,7 +156,7 @@ def lease_rules(ifindex: int, guest_mac: str | None, ips: tuple[str, ...]) -> di
             _match(
                 {"payload": {"base": "th", "offset": 64, "len": 128}},  # the target address
                 "!=",
-                {"set": [*map(_hex, v6), link_local_raw]},
+                {"set": [*map(_hex, own_v6)]},
             ),
             _DROP,
         ]

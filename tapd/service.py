@@ -418,7 +418,12 @@ class Service:
         # flight never get the same one.
         registry = self.lifecycle.registry
         taken = _Either(registry.guest_macs, self._reserved_macs)
-        mac = choose_mac(guest_mac, self.config.taps.guest_mac_prefix, taken)
+        mac = choose_mac(
+            guest_mac,
+            self.config.taps.guest_mac_prefix,
+            taken,
+            within_prefix=decision.fence.mac_filtering,
+        )
         ips = check_guest_ips(
             guest_ips,
             decision.ip_ranges,

@@ -229,12 +229,30 @@ def test_the_nft_document_holds_the_guest_to_its_addresses() -> None:
     doc = nft.lease_rules(41, "52:54:00:00:00:01", ("10.0.0.5", "fd00::5"))["nftables"]
     rules = [c["add"]["rule"] for c in doc if "rule" in c.get("add", {})]
     lease = [r for r in rules if r["chain"] == "lease-41"]
-    # ARP sender MAC, ARP sender IP, DHCP, IPv4 source, IPv6 source, ND target, other types
-    assert len(lease) == 7
+    # ARP sender MAC, ARP sender IP, DHCP, IPv4 source, IPv6 source, no RA or
+    # redirect, ND target, other types
+    assert len(lease) == 8
     assert all(r["expr"][-1] in ({"drop": None}, {"accept": None}) for r in lease)
     text = repr(lease)
     assert "52:54:00:00:00:01" in text and "10.0.0.5" in text and "fd00::5" in text
     assert "0xfd000000000000000000000000000005" in text  # the ND target, as a raw integer
+    # the link-local address the guest's MAC gives it, and no other
+    assert "fe80::5054:ff:fe00:1" in text and "fe80::/10" not in text
     removal = nft.remove_lease(41)["nftables"]
     assert removal[0]["delete"]["element"]["elem"] == [41]
     assert removal[1]["delete"]["chain"]["name"] == "lease-41"
+
+
+def test_a_filtering_rule_holds_requested_guest_macs_to_the_prefix() -> None:
+    # a sticky static entry holds the address for the lease's life: only
+    # addresses the admin keeps for guests may be asked for
+    assert choose_mac("52:54:00:aa:00:01", "52:54:00", set(), within_prefix=True)
+    with pytest.raises(errors.Denied, match="not under 52:54:00"):
+        choose_mac("02:11:22:33:44:55", "52:54:00", set(), within_prefix=True)
+    assert choose_mac("02:11:22:33:44:55", "52:54:00", set()) == "02:11:22:33:44:55"
+
+
+def test_a_link_local_guest_ip_needs_no_range() -> None:
+    from tapd.fence import check_guest_ips
+
+    assert check_guest_ips(["fe80::1234"], ("10.0.0.0/24",), "allow[0]", set()) == ("fe80::1234",)
