@@ -298,22 +298,14 @@ class Service:
 
     async def handle(self, peer: Peer, request: Request, fds_in: list[int], log: Any) -> Grant:
         """Carry out ``request``.  ``fds_in`` stay the caller's to close."""
-        if isinstance(request, TapRequest):
+        if isinstance(request, TapRequest | PrepareRequest):
+            # A prepared tap's lease belongs to its requester too: tapctl
+            # prepare execs the VMM, so the VMM itself is the owner, and its
+            # exit ends the tap.
+            planner = plan if isinstance(request, TapRequest) else prepare_plan
             return await self._request(
                 peer,
-                plan(request, self.config.taps.ifname_prefix),
-                fds_in,
-                log,
-                _Owner.of_peer(peer),
-                request.guest_mac,
-                guest_ips=request.guest_ips,
-            )
-        if isinstance(request, PrepareRequest):
-            # The requester owns the lease: tapctl prepare execs the VMM, so
-            # the VMM itself is the owner, and its exit ends the tap.
-            return await self._request(
-                peer,
-                prepare_plan(request, self.config.taps.ifname_prefix),
+                planner(request, self.config.taps.ifname_prefix),
                 fds_in,
                 log,
                 _Owner.of_peer(peer),
