@@ -292,7 +292,8 @@ def test_a_kvm_user_s_first_connection_starts_tapd_and_every_verb_answers(box: M
     granted = json.loads(tapctl(box, "request", "--json", "--br", "br0").stdout)
     assert granted["ok"] is True and granted["bridge"] == "br0"
     assert box.show("tapd.service", "ActiveState") == "active"
-    assert "version" in tapctl(box, "hello").stdout
+    assert json.loads(tapctl(box, "hello", "--json").stdout)["version"]
+    assert tapctl(box, "hello").stdout.startswith("tapd ")
     for verb in (("list",), ("list", "--json"), ("status",), ("status", "--json")):
         assert tapctl(box, *verb).returncode == 0
     # release: of a lease the user holds, while its holder still runs.
