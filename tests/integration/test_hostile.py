@@ -168,6 +168,16 @@ def read_replies(sock: socket.socket) -> list[dict[str, Any]]:
         (b'{"op": "request", "br": "br0", "helper": "../x"}', "denied"),
         (b'{"op": "request", "br": "br0", "helper": "/usr/lib/qemu/qemu-bridge-helper"}', "denied"),
         (b'{"op": "request", "br": "br0", "helper": ""}', "denied"),
+        # the prepare op (a persistent tap opened by name) takes the same blows
+        (b'{"op": "prepare"}', "invalid-value"),
+        (b'{"op": "prepare", "br": "br0", "queues": "2"}', "invalid-value"),
+        (b'{"op": "prepare", "br": "br0", "ifname": "../../etc"}', "invalid-ifname"),
+        (b'{"op": "prepare", "br": "br0", "ifname": "-x"}', "invalid-ifname"),
+        (b'{"op": "prepare", "br": "br0", "script": "/bin/sh"}', "denied"),
+        (b'{"op": "prepare", "br": "br0", "fd": "3"}', "option-not-applicable"),
+        (b'{"op": "prepare", "br": "br0", "helper": "../x"}', "option-not-applicable"),
+        (b'{"op": "prepare", "br": "br0", "guest_mac": "ff:ff:ff:ff:ff:ff"}', "invalid-value"),
+        (b'{"op": "prepare", "br": "br0", "__class__": "x"}', "unknown-key"),
     ],
     ids=lambda value: repr(value)[:48] if isinstance(value, bytes) else None,
 )
@@ -251,6 +261,24 @@ def test_hundreds_of_clients_vanishing_mid_request_leave_nothing(daemon: Daemon)
             daemon.request(br="br0").close()
         list(storm)
     wait_until(lambda: taps(daemon.ns) == [], timeout=30, what="the storm's taps to go")
+
+
+def test_hundreds_of_prepare_requesters_vanishing_leave_no_persistent_tap(
+    daemon: Daemon,
+) -> None:
+    # A prepared tap is persistent and tapd keeps no queue of it: only the
+    # owner rule (its requester gone, nobody holding it) removes it.
+    line = protocol.encode({"op": "prepare", "br": "br0"})
+
+    def vanish(_: int) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(daemon.socket_path)
+            sock.sendall(line)
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(vanish, range(100)))
+    wait_until(lambda: taps(daemon.ns) == [], timeout=30, what="the prepared taps to go")
+    wait_until(lambda: daemon.leases() == [], timeout=10, what="their leases to end")
 
 
 def test_hundreds_of_idle_connections_do_not_delay_a_real_request(daemon: Daemon) -> None:
