@@ -73,14 +73,28 @@ class Decision:
     ip_ranges: tuple[str, ...] = ()
 
 
+def _fence(rule: AllowRule) -> Fence:
+    return Fence(
+        mac_filtering=rule.mac_filtering,
+        isolated=rule.port_isolation,
+        learning=rule.learning,
+        flood=rule.flood,
+        ingress=rule.ingress_limit,
+        egress=rule.egress_limit,
+        ip_filter=bool(rule.ip_ranges),
+    )
+
+
 class Policy:
     def __init__(self, config: Config) -> None:
         self._deny = [_compile(f"deny[{i}]", r) for i, r in enumerate(config.deny)]
-        self._allow: list[tuple[_Rule, AllowRule, int | None]] = [
+        # Everything a grant needs from its rule, worked out once per load.
+        self._allow: list[tuple[_Rule, AllowRule, int | None, Fence]] = [
             (
                 _compile(f"allow[{i}]", r),
                 r,
                 gid_of(r.tap_group) if r.tap_group is not None else None,
+                _fence(r),
             )
             for i, r in enumerate(config.allow)
         ]
@@ -94,7 +108,7 @@ class Policy:
                     f"uid {peer.uid} may not use bridge {bridge!r}: refused by "
                     f"{rule.name} in tapd's configuration"
                 ).about(rule=rule.name)
-        for rule, allow, tap_gid in self._allow:
+        for rule, allow, tap_gid, fence in self._allow:
             if not rule.matches(peer, bridge):
                 continue
             if allow.max_queues is not None and queues > allow.max_queues:
@@ -112,15 +126,7 @@ class Policy:
                 max_queues=allow.max_queues,
                 max_taps=allow.max_taps,
                 tap_gid=tap_gid,
-                fence=Fence(
-                    mac_filtering=allow.mac_filtering,
-                    isolated=allow.port_isolation,
-                    learning=allow.learning,
-                    flood=allow.flood,
-                    ingress=allow.ingress_limit,
-                    egress=allow.egress_limit,
-                    ip_filter=bool(allow.ip_ranges),
-                ),
+                fence=fence,
                 ip_ranges=allow.ip_ranges,
             )
         raise Denied(
