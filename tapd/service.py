@@ -207,36 +207,27 @@ def _uids(pid: int) -> tuple[int, int] | None:
 
 
 def _reply(made: MadeTap, fds: int, lease: Lease) -> TapReply | PrepareReply:
+    common: dict[str, Any] = {
+        "lease": lease.id,
+        "ifname": made.ifname,
+        "bridge": made.bridge,
+        "vnet_hdr": made.vnet_hdr,
+        "mac": made.mac,
+        "mtu": made.mtu,
+        "warnings": tuple(made.warnings),
+        "guest_mac": lease.guest_mac,
+        "fence": _fence(lease),
+        "guest_ips": lease.guest_ips or None,
+    }
     if lease.prepared:
-        return PrepareReply(
-            lease=lease.id,
-            ifname=made.ifname,
-            bridge=made.bridge,
-            queues=lease.queues,
-            vnet_hdr=made.vnet_hdr,
-            mac=made.mac,
-            mtu=made.mtu,
-            warnings=tuple(made.warnings),
-            guest_mac=lease.guest_mac,
-            fence=_fence(lease),
-            guest_ips=lease.guest_ips or None,
-        )
+        return PrepareReply(queues=lease.queues, **common)
     return TapReply(
-        lease=lease.id,
-        ifname=made.ifname,
-        bridge=made.bridge,
         fds=fds,
         vhostfds=len(made.vhost_fds),
-        vnet_hdr=made.vnet_hdr,
         vnet_hdr_len=made.vnet_hdr_len,
-        mac=made.mac,
-        mtu=made.mtu,
         sndbuf=made.sndbuf,
         offloads=made.offloads,
-        warnings=tuple(made.warnings),
-        guest_mac=lease.guest_mac,
-        fence=_fence(lease),
-        guest_ips=lease.guest_ips or None,
+        **common,
     )
 
 
