@@ -58,6 +58,19 @@ def taps(ns: str) -> list[str]:
     ]
 
 
+def redirect_target(ns: str, dev: str) -> str | None:
+    """The device tc redirects what arrives on ``dev`` to (a shaped guest's
+    ifb), or None."""
+    out = subprocess.run(
+        ["tc", "-n", ns, "filter", "show", "dev", dev, "parent", "ffff:"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    marker = "Redirect to device "
+    if marker not in out:
+        return None
+    return out.split(marker, 1)[1].split(")", 1)[0]
+
+
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 

@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tapdtest import Daemon, ip, links, make_tap_in, run_daemon, taps, wait_until
+from tapdtest import (
+    Daemon,
+    ip,
+    links,
+    make_tap_in,
+    redirect_target,
+    run_daemon,
+    taps,
+    wait_until,
+)
 
 from tapd import client, tun
 from tapd.fence import ifb_name
@@ -244,17 +253,6 @@ def tbf_rate(ns: str, dev: str) -> int | None:
         if q["kind"] == "tbf" and q.get("root"):
             return int(q["options"]["rate"]) * 8
     return None
-
-
-def redirect_target(ns: str, dev: str) -> str | None:
-    out = subprocess.run(
-        ["tc", "-n", ns, "filter", "show", "dev", dev, "parent", "ffff:"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    marker = "Redirect to device "
-    if marker not in out:
-        return None
-    return out.split(marker, 1)[1].split(")", 1)[0]
 
 
 def assert_shaped(ns: str, tap: str) -> str:

@@ -15,7 +15,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tapdtest import Daemon, ip, links, make_tap_in, run_daemon, taps, wait_until
+from tapdtest import (
+    Daemon,
+    ip,
+    links,
+    make_tap_in,
+    redirect_target,
+    run_daemon,
+    taps,
+    wait_until,
+)
 
 from tapd import client, tun
 from tapd.fence import ifb_name
@@ -99,15 +108,6 @@ def test_an_adopted_tap_whose_fence_fails_is_not_left_on_the_bridge(locked: Daem
         assert locked.leases() == []
     finally:
         tun.close_all(fds)
-
-
-def redirect_target(ns: str, dev: str) -> str | None:
-    out = subprocess.run(
-        ["tc", "-n", ns, "filter", "show", "dev", dev, "parent", "ffff:"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    marker = "Redirect to device "
-    return out.split(marker, 1)[1].split(")", 1)[0] if marker in out else None
 
 
 SHAPED_AND_OPEN = """
