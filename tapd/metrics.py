@@ -29,7 +29,7 @@ import trio
 from . import __version__
 from .errors import ClientError, Denied, KernelError, TapdError
 from .leases import Lease
-from .policy import Peer
+from .owner import Peer
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric

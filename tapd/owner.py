@@ -1,4 +1,9 @@
-"""Knowing a lease's owner process, robustly against pid reuse.
+"""Who is asking, and whose tap it is: peers and owner processes.
+
+A :class:`Peer` is the process at the other end of a connection, as the kernel
+recorded it at connect time (SO_PEERCRED, SO_PEERGROUPS, SO_PEERPIDFD).  An
+:class:`Owner` is the process a lease belongs to: the peer itself, its parent
+(a bridge helper's VMM), or the process behind QEMU's helper socket.
 
 A pid alone may name another process tomorrow.  tapd therefore holds a pidfd
 for every owner (taken from the connection itself with SO_PEERPIDFD where the
@@ -8,12 +13,17 @@ restarted tapd can tell the same process from a new one with the same pid.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import select
 import socket
 import struct
+from dataclasses import dataclass, field
 from typing import Any
+
+from . import fdinfo
+from .errors import Denied
 
 #: <asm-generic/socket.h>: SO_PEERPIDFD (Linux 6.5): a pidfd for the peer
 #: process as of connect(), with no window for pid reuse.
@@ -125,3 +135,172 @@ def reopen(pid: int, start: int) -> int | None:
         os.close(pidfd)
         return None
     return pidfd
+
+
+# -- the peer -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is on the other end, as the kernel reported at accept time."""
+
+    uid: int
+    gid: int
+    pid: int
+    groups: tuple[int, ...] = ()
+    #: a pidfd for the peer process, held by the connection (-1: none)
+    pidfd: int = field(default=-1, compare=False)
+
+    def all_gids(self) -> frozenset[int]:
+        return frozenset((self.gid, *self.groups))
+
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # <asm-generic/socket.h>
+
+#: <linux/limits.h>: NGROUPS_MAX
+_NGROUPS_MAX = 65536
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _peer_groups(sock: socket.socket) -> tuple[int, ...]:
+    """SO_PEERGROUPS: every supplementary group of the peer.
+
+    Python's getsockopt() takes at most 1024 bytes (256 groups); a peer in
+    more makes the kernel answer ERANGE, and then libc's getsockopt() is
+    asked with room for NGROUPS_MAX (65536).  Judging such a peer without
+    its groups could slip past a [[deny]] rule that names one of them.
+    """
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
+    except OSError as exc:
+        if exc.errno != errno.ERANGE:
+            raise
+        buf = ctypes.create_string_buffer(_NGROUPS_MAX * 4)
+        size = ctypes.c_uint32(len(buf))
+        if _libc.getsockopt(
+            sock.fileno(), socket.SOL_SOCKET, SO_PEERGROUPS, buf, ctypes.byref(size)
+        ):
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err)) from None
+        raw = buf.raw[: size.value]
+    return tuple(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+
+
+def peer_of(sock: socket.socket) -> Peer:
+    """The peer's credentials, as the kernel recorded them at connect time,
+    and a pidfd for its process (the caller closes it)."""
+    pid, uid, gid = peer_cred(sock)
+    groups = _peer_groups(sock)
+    pidfd = peer_pidfd(sock, pid)
+    return Peer(
+        uid=uid, gid=gid, pid=pid, groups=tuple(groups), pidfd=-1 if pidfd is None else pidfd
+    )
+
+
+# -- the owner ------------------------------------------------------------------
+
+
+class Owner:
+    """The process a lease belongs to: a pidfd (ours until :meth:`take`), its
+    pid, and its start time, which with the pid names it across restarts.
+    Each way of finding one is a constructor; each refuses a process that is
+    gone, or that is not the peer's to name."""
+
+    def __init__(self, pid: int, pidfd: int) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        start = identify(pidfd, pid)
+        if start is None:
+            os.close(pidfd)
+            raise Denied("the process the tap would belong to has exited")
+        self.start = start
+
+    @classmethod
+    def of_peer(cls, peer: Peer) -> Owner:
+        if peer.pidfd < 0:
+            raise Denied("the requesting process exited before its tap was made")
+        return cls(peer.pid, os.dup(peer.pidfd))
+
+    @classmethod
+    def from_socket(cls, fd: int, peer: Peer) -> Owner:
+        """The process at the other end of socket ``fd``: for the socket QEMU
+        made with socketpair() and passed to its bridge helper, QEMU itself,
+        however many shells stand between (QEMU runs a helper string through
+        sh -c, and dash forks rather than execs).  It must be the peer's own."""
+        refused = Denied("the fd sent with bridge-helper is not QEMU's helper socket")
+        # Told from its /proc link first: any call on a FUSE file may wait for
+        # its server (tapd.fdinfo).  Socket options are answered by the socket.
+        if not fdinfo.is_socket(fd):
+            raise refused
+        try:
+            sock = socket.socket(fileno=fd)  # borrowed: detached below, never closed here
+        except OSError:
+            raise refused from None
+        try:
+            if sock.family != socket.AF_UNIX:
+                raise refused
+            pid, uid, _ = peer_cred(sock)
+            pidfd = peer_pidfd(sock, pid)
+        except OSError:
+            raise refused from None
+        finally:
+            sock.detach()
+        if pidfd is None:
+            raise Denied("the VMM behind the helper socket is gone")
+        if uid != peer.uid and peer.uid != 0:
+            os.close(pidfd)
+            raise Denied(
+                f"the helper socket belongs to a process of uid {uid}, not to uid {peer.uid}"
+            )
+        return cls(pid, pidfd)
+
+    @classmethod
+    def parent_of(cls, peer: Peer) -> Owner:
+        """The peer's parent, for bridge-helper without a socket: only a
+        parent running as the peer's own uid (real and effective), or any
+        for root.  Otherwise a helper started under someone else's process
+        (a root daemon, another user's session) would give that process the
+        lease, and the tap would outlive the requester."""
+        found = parent(peer.pidfd, peer.pid) if peer.pidfd >= 0 else None
+        if found is None:
+            raise Denied("the requesting process's parent (its VMM) is gone")
+        pid, pidfd = found
+        ids = uids(pid)
+        if ids is None or exited(pidfd):
+            os.close(pidfd)
+            raise Denied("the requesting process's parent (its VMM) is gone")
+        if peer.uid != 0 and ids != (peer.uid, peer.uid):
+            os.close(pidfd)
+            raise Denied(
+                f"bridge-helper without a socket makes the caller's parent the lease "
+                f"owner, and the parent (pid {pid}) runs as uid {ids[1]} (real uid "
+                f"{ids[0]}), not as uid {peer.uid}; run the helper from your own "
+                "VMM, or send QEMU's helper socket with the request"
+            )
+        return cls(pid, pidfd)
+
+    def take(self) -> int:
+        pidfd, self.pidfd = self.pidfd, -1
+        return pidfd
+
+    def __enter__(self) -> Owner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+def uids(pid: int) -> tuple[int, int] | None:
+    """(real, effective) uid of ``pid`` from /proc/PID/status (proc(5)); the
+    caller confirms with a pidfd that the pid was not reused meanwhile."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    real, effective = line.split()[1:3]
+                    return int(real), int(effective)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -14,21 +14,7 @@ from dataclasses import dataclass, field
 from .config import AllowRule, Config, DenyRule, is_id
 from .errors import Denied, QuotaExceeded
 from .fence import Fence
-
-
-@dataclass(frozen=True)
-class Peer:
-    """Who is on the other end, as the kernel reported at accept time."""
-
-    uid: int
-    gid: int
-    pid: int
-    groups: tuple[int, ...] = ()
-    #: a pidfd for the peer process, held by the connection (-1: none)
-    pidfd: int = field(default=-1, compare=False)
-
-    def all_gids(self) -> frozenset[int]:
-        return frozenset((self.gid, *self.groups))
+from .owner import Peer
 
 
 def uid_of(name: str) -> int:

@@ -10,20 +10,18 @@ and fds (through :mod:`tapd.fdpass`) and maps exceptions to replies (through
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import itertools
 import os
 import resource
 import socket
-import struct
 import time
 from collections import Counter
 from typing import Any
 
 import trio
 
-from . import fdpass, owner, protocol
+from . import fdpass, protocol
 from . import log as logging
 from .closer import Closers
 from .config import Config
@@ -40,7 +38,7 @@ from .errors import (
 )
 from .fdpass import MAX_FDS_PER_MSG
 from .models import MAX_TAP_QUEUES
-from .policy import Peer
+from .owner import Peer, peer_of
 from .service import Grant, Service
 
 #: accept() errors that mean "the host is short of something", not "the
@@ -53,48 +51,6 @@ MAX_FDS_PER_REQUEST = 2 * MAX_TAP_QUEUES
 
 #: connections accepted in a row before the accept loop lets others run
 ACCEPT_BATCH = 64
-
-SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # <asm-generic/socket.h>
-
-
-def _peer_groups(sock: socket.socket) -> tuple[int, ...]:
-    """SO_PEERGROUPS: every supplementary group of the peer.
-
-    Python's getsockopt() takes at most 1024 bytes (256 groups); a peer in
-    more makes the kernel answer ERANGE, and then libc's getsockopt() is
-    asked with room for NGROUPS_MAX (65536).  Judging such a peer without
-    its groups could slip past a [[deny]] rule that names one of them.
-    """
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
-    except OSError as exc:
-        if exc.errno != errno.ERANGE:
-            raise
-        buf = ctypes.create_string_buffer(_NGROUPS_MAX * 4)
-        size = ctypes.c_uint32(len(buf))
-        if _libc.getsockopt(
-            sock.fileno(), socket.SOL_SOCKET, SO_PEERGROUPS, buf, ctypes.byref(size)
-        ):
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err)) from None
-        raw = buf.raw[: size.value]
-    return tuple(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
-
-
-#: <linux/limits.h>: NGROUPS_MAX
-_NGROUPS_MAX = 65536
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def peer_of(sock: socket.socket) -> Peer:
-    """The peer's credentials, as the kernel recorded them at connect time,
-    and a pidfd for its process (the caller closes it)."""
-    pid, uid, gid = owner.peer_cred(sock)
-    groups = _peer_groups(sock)
-    pidfd = owner.peer_pidfd(sock, pid)
-    return Peer(
-        uid=uid, gid=gid, pid=pid, groups=tuple(groups), pidfd=-1 if pidfd is None else pidfd
-    )
 
 
 class Server:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Container
@@ -22,7 +20,7 @@ from typing import Any
 import trio
 from pydantic import BaseModel
 
-from . import PROTOCOL_VERSION, __version__, fdinfo, metrics, nft, owner, programs
+from . import PROTOCOL_VERSION, __version__, metrics, nft, programs
 from .config import Config
 from .errors import Denied, InvalidValue, LeaseNotFound, QuotaExceeded, TapdError
 from .fence import Fence, check_guest_ips, choose_mac
@@ -54,7 +52,8 @@ from .options import (
     plan,
     prepare_plan,
 )
-from .policy import Decision, Peer, Policy
+from .owner import Owner, Peer
+from .policy import Decision, Policy
 from .taps import AdoptSpec, MadeTap, TapMaker, TapSpec, VhostSpec
 from .tun import close_all
 from .worker import KernelWorker
@@ -100,110 +99,6 @@ class Grant:
                     log.warning("hook.downscript.failed", lease=self.lease.id, error=str(exc))
         self.on_sent = None  # never delivered: request.undelivered says so
         self.sent()
-
-
-class _Owner:
-    """The process a lease belongs to: a pidfd (ours until :meth:`take`), its
-    pid, and its start time, which with the pid names it across restarts."""
-
-    def __init__(self, pid: int, pidfd: int) -> None:
-        self.pid = pid
-        self.pidfd = pidfd
-        start = owner.identify(pidfd, pid)
-        if start is None:
-            os.close(pidfd)
-            raise Denied("the process the tap would belong to has exited")
-        self.start = start
-
-    @classmethod
-    def of_peer(cls, peer: Peer) -> _Owner:
-        if peer.pidfd < 0:
-            raise Denied("the requesting process exited before its tap was made")
-        return cls(peer.pid, os.dup(peer.pidfd))
-
-    @classmethod
-    def from_socket(cls, fd: int, peer: Peer) -> _Owner:
-        """The process at the other end of socket ``fd``: for the socket QEMU
-        made with socketpair() and passed to its bridge helper, QEMU itself,
-        however many shells stand between (QEMU runs a helper string through
-        sh -c, and dash forks rather than execs).  It must be the peer's own."""
-        refused = Denied("the fd sent with bridge-helper is not QEMU's helper socket")
-        # Told from its /proc link first: any call on a FUSE file may wait for
-        # its server (tapd.fdinfo).  Socket options are answered by the socket.
-        if not fdinfo.is_socket(fd):
-            raise refused
-        try:
-            sock = socket.socket(fileno=fd)  # borrowed: detached below, never closed here
-        except OSError:
-            raise refused from None
-        try:
-            if sock.family != socket.AF_UNIX:
-                raise refused
-            pid, uid, _ = owner.peer_cred(sock)
-            pidfd = owner.peer_pidfd(sock, pid)
-        except OSError:
-            raise refused from None
-        finally:
-            sock.detach()
-        if pidfd is None:
-            raise Denied("the VMM behind the helper socket is gone")
-        if uid != peer.uid and peer.uid != 0:
-            os.close(pidfd)
-            raise Denied(
-                f"the helper socket belongs to a process of uid {uid}, not to uid {peer.uid}"
-            )
-        return cls(pid, pidfd)
-
-    @classmethod
-    def parent_of(cls, peer: Peer) -> _Owner:
-        """The peer's parent, for bridge-helper without a socket: only a
-        parent running as the peer's own uid (real and effective), or any
-        for root.  Otherwise a helper started under someone else's process
-        (a root daemon, another user's session) would give that process the
-        lease, and the tap would outlive the requester."""
-        found = owner.parent(peer.pidfd, peer.pid) if peer.pidfd >= 0 else None
-        if found is None:
-            raise Denied("the requesting process's parent (its VMM) is gone")
-        pid, pidfd = found
-        uids = _uids(pid)
-        if uids is None or owner.exited(pidfd):
-            os.close(pidfd)
-            raise Denied("the requesting process's parent (its VMM) is gone")
-        if peer.uid != 0 and uids != (peer.uid, peer.uid):
-            os.close(pidfd)
-            raise Denied(
-                f"bridge-helper without a socket makes the caller's parent the lease "
-                f"owner, and the parent (pid {pid}) runs as uid {uids[1]} (real uid "
-                f"{uids[0]}), not as uid {peer.uid}; run the helper from your own "
-                "VMM, or send QEMU's helper socket with the request"
-            )
-        return cls(pid, pidfd)
-
-    def take(self) -> int:
-        pidfd, self.pidfd = self.pidfd, -1
-        return pidfd
-
-    def __enter__(self) -> _Owner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
-
-
-def _uids(pid: int) -> tuple[int, int] | None:
-    """(real, effective) uid of ``pid`` from /proc/PID/status (proc(5)); the
-    caller confirms with a pidfd that the pid was not reused meanwhile."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Uid:"):
-                    real, effective = line.split()[1:3]
-                    return int(real), int(effective)
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def _reply(made: MadeTap, fds: int, lease: Lease) -> TapReply | PrepareReply:
@@ -299,7 +194,7 @@ class Service:
                 planner(request, self.config.taps.ifname_prefix),
                 fds_in,
                 log,
-                _Owner.of_peer(peer),
+                Owner.of_peer(peer),
                 request.guest_mac,
                 guest_ips=request.guest_ips,
             )
@@ -310,7 +205,7 @@ class Service:
             if request.vnet_hdr is not None:
                 options["vnet_hdr"] = request.vnet_hdr
             what = plan(TapRequest.model_validate(options))
-            vmm = _Owner.from_socket(fds_in[0], peer) if fds_in else _Owner.parent_of(peer)
+            vmm = Owner.from_socket(fds_in[0], peer) if fds_in else Owner.parent_of(peer)
             # The helper protocol hands QEMU an fd and nothing else: QEMU's
             # NIC keeps the MAC its command line gave it.
             return await self._request(peer, what, [], log, vmm, mac_known=False)
@@ -361,7 +256,7 @@ class Service:
         what: Plan,
         fds_in: list[int],
         log: Any,
-        owner_: _Owner,
+        owner_: Owner,
         guest_mac: str | None = None,
         mac_known: bool = True,
         guest_ips: list[str] | None = None,
@@ -381,7 +276,7 @@ class Service:
         what: Plan,
         fds_in: list[int],
         log: Any,
-        owner_: _Owner,
+        owner_: Owner,
         guest_mac: str | None,
         mac_known: bool,
         guest_ips: list[str] | None,
@@ -470,7 +365,7 @@ class Service:
         peer: Peer,
         bridge: str,
         queues: int,
-        owner_: _Owner,
+        owner_: Owner,
         downscript: str | None,
         terms: _Terms,
         adopted: bool = False,
@@ -504,7 +399,7 @@ class Service:
 
     async def _grant(
         self,
-        owner_: _Owner,
+        owner_: Owner,
         made: MadeTap,
         lease: Lease,
         fds: list[int],
@@ -564,7 +459,7 @@ class Service:
         peer: Peer,
         what: CreatePlan,
         terms: _Terms,
-        owner_: _Owner,
+        owner_: Owner,
         log: Any,
     ) -> Grant:
         decision = terms.decision
@@ -689,7 +584,7 @@ class Service:
         peer: Peer,
         what: AdoptPlan,
         terms: _Terms,
-        owner_: _Owner,
+        owner_: Owner,
         fds_in: list[int],
         log: Any,
     ) -> Grant:
@@ -718,7 +613,7 @@ class Service:
         peer: Peer,
         what: HelperPlan,
         terms: _Terms,
-        owner_: _Owner,
+        owner_: Owner,
         log: Any,
     ) -> Grant:
         decision = terms.decision

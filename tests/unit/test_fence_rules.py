@@ -15,7 +15,8 @@ from tapd.fence import (
     parse_mac,
     parse_rate,
 )
-from tapd.policy import Peer, Policy
+from tapd.owner import Peer
+from tapd.policy import Policy
 
 
 @pytest.mark.parametrize(

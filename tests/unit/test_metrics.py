@@ -32,7 +32,7 @@ from tapd.errors import (
 from tapd.leases import Lease
 from tapd.metrics import Recorder, render, scrape
 from tapd.models import MetricsReply, MetricsRequest
-from tapd.policy import Peer
+from tapd.owner import Peer
 
 ROOT = Peer(uid=0, gid=0, pid=1)
 

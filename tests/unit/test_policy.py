@@ -10,7 +10,8 @@ import pytest
 
 from tapd.config import AllowRule, Config, DenyRule
 from tapd.errors import Denied, QuotaExceeded
-from tapd.policy import Decision, Peer, Policy
+from tapd.owner import Peer
+from tapd.policy import Decision, Policy
 
 ROOT = Peer(uid=0, gid=0, pid=100)
 NOBODY = Peer(uid=65534, gid=65534, pid=200)
