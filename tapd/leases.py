@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .fence import Fence
@@ -24,11 +24,16 @@ def new_id() -> str:
     return secrets.token_hex(6)
 
 
-@dataclass(frozen=True)
-class Lease:
+@dataclass(frozen=True, kw_only=True)
+class LeaseTerms:
+    """What a lease is, before its tap exists: who holds it and on what terms.
+
+    Its :meth:`tag` goes on the tap as the tap is made (before it joins its
+    bridge), so it names nothing that only the made tap knows; :meth:`on`
+    then gives the :class:`Lease` whole.
+    """
+
     id: str
-    ifname: str
-    ifindex: int
     bridge: str
     queues: int
     uid: int
@@ -50,6 +55,11 @@ class Lease:
     fence: str = ""
     #: the only source addresses the tap passes, when the rule filters them
     guest_ips: tuple[str, ...] = ()
+
+    def on(self, ifname: str, ifindex: int) -> Lease:
+        """The lease of these terms on the tap ``ifname`` (``ifindex``)."""
+        terms = {f.name: getattr(self, f.name) for f in fields(LeaseTerms)}
+        return Lease(ifname=ifname, ifindex=ifindex, **terms)
 
     def fits(self) -> bool:
         """Whether the tag fits an interface alias (IFALIASZ)."""
@@ -87,8 +97,17 @@ class Lease:
             fields.append(f"ips={','.join(self.guest_ips)}")
         return " ".join(fields)
 
+
+@dataclass(frozen=True, kw_only=True)
+class Lease(LeaseTerms):
+    """A tap tapd handed out, from grant until the tap is gone."""
+
+    ifname: str
+    ifindex: int
+
     def to_wire(self) -> dict[str, Any]:
-        wire = asdict(self)
+        wire: dict[str, Any] = {"id": self.id, "ifname": self.ifname, "ifindex": self.ifindex}
+        wire.update(asdict(self))
         del wire["starttime"]
         wire["fence"] = Fence.from_tag(self.fence).describe() if self.fence else None
         wire["guest_ips"] = self.guest_ips or None

@@ -173,7 +173,18 @@ def scrape() -> dict[str, float]:
             r.request(op_name, time.perf_counter(), rule=rule, granted=True)
             r.request(op_name, time.perf_counter(), error=Denied("no").about(rule=rule))
     leases = [
-        Lease(f"{i:012x}", f"tap{i}", i, f"br{i % 50}", 1, 1000 + i % 20, 1000, 1, 1, 0)
+        Lease(
+            id=f"{i:012x}",
+            ifname=f"tap{i}",
+            ifindex=i,
+            bridge=f"br{i % 50}",
+            queues=1,
+            uid=1000 + i % 20,
+            gid=1000,
+            pid=1,
+            starttime=1,
+            created=0,
+        )
         for i in range(1000)
     ]
     snapshot = statistics.median(
