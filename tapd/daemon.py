@@ -20,6 +20,7 @@ from .config import DEFAULT_SOCKET, Config, ConfigError, load
 from .errors import ConfigInvalid, TapdError
 from .lifecycle import Lifecycle
 from .listen import Listener, ListenError, at_path, from_fd, from_systemd
+from .making import KernelMaker
 from .protocol import encode
 from .sdnotify import Notifier
 from .server import Server
@@ -92,7 +93,7 @@ async def run(
             # Keep serving: every request will get this error, with its advice.
             log.error("tun.unavailable", message=exc.message)
         lifecycle = Lifecycle(config, worker, maker.netlink)
-        service = Service(config, maker, worker, lifecycle, config_path)
+        service = Service(config, KernelMaker(maker, worker), lifecycle, config_path)
         server = Server(service, closers)
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         with trio.open_signal_receiver(*signals) as received:

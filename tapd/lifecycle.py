@@ -38,9 +38,12 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+from pydantic import BaseModel
 
 from . import log as logging
 from . import nft, owner, programs, tun
@@ -49,7 +52,39 @@ from .errors import Denied
 from .fence import Fence
 from .leases import Lease, Registry, parse_tag
 from .netlink import LinkEvent, Netlink, link_events
+from .owner import Owner
 from .worker import KernelWorker
+
+
+@dataclass
+class Grant:
+    """A reply ready to send, and the lease it starts.  After sending,
+    :meth:`sent`; if it could not be delivered, :meth:`abandon` undoes what
+    the request did (:meth:`Lifecycle.undo`)."""
+
+    reply: BaseModel
+    fds: list[int] = field(default_factory=list)
+    lease: Lease | None = None
+    lifecycle: Lifecycle | None = None
+    #: logs the grant: called once the reply is out, so that the client is
+    #: not kept waiting for the log line (the lease is tracked before)
+    on_sent: Callable[[], None] | None = None
+    #: the allow rule that granted a tap (for the metrics)
+    rule: str | None = None
+
+    def sent(self) -> None:
+        # Our copies go: once the VM closes its own, the tap is gone.
+        tun.close_all(self.fds)
+        self.fds = []
+        if self.on_sent is not None:
+            self.on_sent()
+            self.on_sent = None
+
+    async def abandon(self) -> None:
+        if self.lease is not None and self.lifecycle is not None:
+            await self.lifecycle.undo(self.lease)
+        self.on_sent = None  # never delivered: request.undelivered says so
+        self.sent()
 
 
 class Lifecycle:
@@ -186,12 +221,34 @@ class Lifecycle:
         # No log event here: request.granted (or lease.restored) names the lease.
         self._spawn(self._watch, lease, pidfd, scope)
 
+    async def start(self, lease: Lease, owner_: Owner) -> None:
+        """Fence ``lease``'s tap as its rule says, bring its port up, and track
+        the lease (taking the owner's pidfd).  On failure what the fence set
+        up is taken down again; the tap itself stays the caller's to discard."""
+        try:
+            if lease.fence:
+                # The port joined down (a disabled port: the bridge drops what
+                # arrives on it) and comes up fenced.  Whoever may attach to
+                # the tap already - an adopted tap's client, a prepared or
+                # multi-queue tap's owner - never has a moment on an open port.
+                await self._fence(lease)
+            # Tracked before the reply goes out: the VM may close its fds (and
+            # the kernel announce the tap's end) the moment it has them.
+            self.begin(lease, owner_.take())
+        except BaseException:
+            # A tap another request leased meanwhile (two adoptions of one
+            # tap) is left to that lease.
+            if self.registry.get(lease.ifindex) is None:
+                with trio.CancelScope(shield=True):
+                    await self._unfence(lease)
+            raise
+
     async def undo(self, lease: Lease) -> None:
         """A grant was never delivered: forget its lease and remove the tap
-        tapd made for it (give back one the client made), with its ifb and
-        address filter.  Closing tapd's own fds is not enough: a client that
-        received part of a split reply holds queues, and could make them
-        persistent."""
+        tapd made for it (give back one the client made), with its ifb,
+        address filter and downscript.  Closing tapd's own fds is not enough:
+        a client that received part of a split reply holds queues, and could
+        make them persistent."""
         if self.registry.get(lease.ifindex) is not lease:
             return
         self.registry.pop(lease.ifindex)
@@ -199,19 +256,32 @@ class Lifecycle:
         if scope is not None:
             scope.cancel()
         self._orphans.discard(lease.ifindex)
-        try:
-            if lease.adopted:
-                await self.worker.run(self.netlink.give_back, lease.ifindex)
-            else:
+        if not lease.adopted:
+            try:
                 await self.worker.run(self.netlink.delete, lease.ifindex)
-        except Exception:
-            self.log.exception("lease.remove.failed", lease=lease.id)
+            except Exception:
+                self.log.exception("lease.remove.failed", lease=lease.id)
         # The lease was forgotten before its tap went, so _ended() never sees
         # it: what its fence made beside the tap goes here.
+        await self._unfence(lease)
+        if lease.downscript:
+            await self._downscript(lease)
+
+    async def _unfence(self, lease: Lease) -> None:
+        """Undo what :meth:`start` and the join set up, for a lease that did
+        not start or was never delivered: an adopted tap off the bridge, no
+        ifb, no address filter.  Each step is tried and logged; the error
+        that got here is the one the client sees."""
         fence = Fence.from_tag(lease.fence)
+        if lease.adopted:
+            try:
+                await self.worker.run(self.netlink.give_back, lease.ifindex)
+            except Exception:
+                self.log.exception("lease.unfence.failed", lease=lease.id)
         if fence.shaped:
             await self._unshape(lease, tap_too=lease.adopted)
         if fence.ip_filter:
+            # Most likely never loaded if this fails; reconcile drops orphans.
             await self._unfilter(lease.ifindex)
 
     async def _watch(self, lease: Lease, pidfd: int, scope: trio.CancelScope) -> None:
@@ -332,24 +402,32 @@ class Lifecycle:
             if ifindex not in leased:
                 await self._unfilter(ifindex)
 
+    async def _fence(self, lease: Lease) -> None:
+        """Set the port flags, static FDB entry, shaping and address filter
+        ``lease``'s rule asks for, then bring its port up.  Idempotent."""
+        fence = Fence.from_tag(lease.fence)
+        await self.worker.run(self._fence_port, lease.ifindex, fence, lease.guest_mac)
+        if fence.ip_filter:
+            document = nft.lease_rules(lease.ifindex, lease.guest_mac, lease.guest_ips)
+            await programs.run_nft(self.config.programs.nft, document)
+        await self.worker.run(self.netlink.bring_up, lease.ifindex)
+
+    def _fence_port(self, index: int, fence: Fence, guest_mac: str | None) -> None:
+        """(Kernel thread.)  The port's flags, and with mac_filtering the
+        static FDB entry that lets ``guest_mac`` through the locked port; the
+        tap's rates.  One hop to the worker for both."""
+        mac = guest_mac if fence.mac_filtering else None
+        self.netlink.set_port(index, fence.port_flags(), mac)
+        if fence.shaped:
+            self.netlink.shape(index, fence.ingress, fence.egress)
+
     async def _refence(self, lease: Lease) -> None:
         """A restarted tapd sets a restored lease's port flags again: they are
         the kernel's state and normally still there, but nothing else may have
-        been fenced in their absence."""
-        fence = Fence.from_tag(lease.fence)
-        mac = lease.guest_mac if fence.mac_filtering else None
+        been fenced in their absence.  A tapd stopped between a fenced tap's
+        join and its grant left it down; fenced again, it may come up."""
         try:
-            await self.worker.run(self.netlink.set_port, lease.ifindex, fence.port_flags(), mac)
-            if fence.shaped:
-                await self.worker.run(
-                    self.netlink.shape, lease.ifindex, fence.ingress, fence.egress
-                )
-            if fence.ip_filter:
-                document = nft.lease_rules(lease.ifindex, lease.guest_mac, lease.guest_ips)
-                await programs.run_nft(self.config.programs.nft, document)
-            # A tapd stopped between a fenced tap's join and its grant left it
-            # down (tapd.netlink.Netlink.bring_up); fenced again, it may come up.
-            await self.worker.run(self.netlink.bring_up, lease.ifindex)
+            await self._fence(lease)
         except Exception:
             self.log.exception("lease.fence.failed", lease=lease.id)
         else:

@@ -37,9 +37,10 @@ from .errors import (
     to_wire,
 )
 from .fdpass import MAX_FDS_PER_MSG
+from .lifecycle import Grant
 from .models import MAX_TAP_QUEUES
 from .owner import Peer, peer_of
-from .service import Grant, Service
+from .service import Service
 
 #: accept() errors that mean "the host is short of something", not "the
 #: listening socket is broken": back off and try again (as trio's serve_listeners).
@@ -397,7 +398,7 @@ class Server:
             metrics.request(op, started, rule=grant.rule, delivered=False)
             log.warning("request.undelivered", ifname=getattr(grant.reply, "ifname", None))
             with trio.CancelScope(shield=True):
-                await grant.abandon(log)
+                await grant.abandon()
             raise
         metrics.request(op, started, rule=grant.rule, granted=grant.lease is not None)
         grant.sent()

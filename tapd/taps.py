@@ -1,12 +1,10 @@
-"""Making taps ready for a VM: the intentions tapd carries out in the kernel.
+"""Making taps ready for a VM: the steps tapd carries out in the kernel.
 
 :class:`KernelTaps` strings :mod:`tapd.tun` and :mod:`tapd.netlink` together,
-synchronously.  Making a single-queue tap (:meth:`KernelTaps.create` and
-:meth:`KernelTaps.attach`) is a handful of syscalls that the trio loop makes
-itself; :meth:`KernelTaps.bridge`, :meth:`KernelTaps.adopt` and larger taps
-run on the kernel worker thread (see :meth:`tapd.service.Service._make`).
-Code above it only sees the :class:`TapMaker` protocol, so it can be tested
-against a fake as well as against the real kernel.
+synchronously: create a tap's queues, prepare them as QEMU would and put the
+tap on its bridge; make a persistent one; check and adopt one made elsewhere.
+Which thread runs each step is :mod:`tapd.making`'s choice; code above that
+only sees its awaitable :class:`tapd.making.TapMaker`.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ import functools
 import os
 import secrets
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from . import fdinfo, log, tun
 from .errors import (
@@ -29,7 +26,6 @@ from .errors import (
     Unsupported,
     VhostUnavailable,
 )
-from .fence import Fence
 from .netlink import Bridge, Netlink, TapLink, TunInfo
 
 
@@ -97,30 +93,6 @@ class MadeTap:
     def close(self) -> None:
         tun.close_all(self.fds + self.vhost_fds)
         self.fds, self.vhost_fds = [], []
-
-
-class TapMaker(Protocol):
-    def cached_bridge(self, name: str) -> Bridge | None: ...
-
-    def bridge(self, name: str) -> Bridge: ...
-
-    def create(self, spec: TapSpec, bridge: Bridge) -> MadeTap: ...
-
-    def attach(self, made: MadeTap, bridge: Bridge, spec: TapSpec) -> None: ...
-
-    def make(self, spec: TapSpec, bridge: Bridge) -> MadeTap: ...
-
-    def prepare(self, spec: TapSpec, bridge: Bridge) -> MadeTap: ...
-
-    def remove(self, index: int) -> bool: ...
-
-    def fence(self, index: int, fence: Fence, guest_mac: str | None) -> None: ...
-
-    def unfence(self, index: int, fence: Fence, adopted: bool) -> None: ...
-
-    def bring_up(self, index: int) -> None: ...
-
-    def adopt(self, spec: AdoptSpec) -> MadeTap: ...
 
 
 def random_mac() -> str:
@@ -322,17 +294,6 @@ class KernelTaps:
         thread).  On failure the caller closes ``made``."""
         self._attach(made, bridge, spec)
 
-    def make(self, spec: TapSpec, bridge: Bridge) -> MadeTap:
-        """:meth:`create` and :meth:`attach`; on failure the tap is removed."""
-        made = self.create(spec, bridge)
-        try:
-            self._attach(made, bridge, spec)
-        except BaseException:
-            # Closing the last fd of a non-persistent tap removes the device.
-            made.close()
-            raise
-        return made
-
     def prepare(self, spec: TapSpec, bridge: Bridge) -> MadeTap:
         """A persistent tap for a VMM that opens it by name (worker thread).
 
@@ -366,32 +327,6 @@ class KernelTaps:
             raise
         made.close()  # the tap stays: it is persistent
         return made
-
-    def fence(self, index: int, fence: Fence, guest_mac: str | None) -> None:
-        """Set the port flags ``fence`` asks for on tap ``index`` (a port of its
-        bridge), and with mac_filtering the static FDB entry that lets
-        ``guest_mac`` through the locked port (worker thread).  Idempotent: a
-        restarted tapd re-applies it."""
-        mac = guest_mac if fence.mac_filtering else None
-        self.netlink.set_port(index, fence.port_flags(), mac)
-        if fence.shaped:
-            self.netlink.shape(index, fence.ingress, fence.egress)
-
-    def bring_up(self, index: int) -> None:
-        """Bring up a fenced tap's port, which joined down (any thread)."""
-        self.netlink.bring_up(index)
-
-    def unfence(self, index: int, fence: Fence, adopted: bool) -> None:
-        """Undo :meth:`fence` and the join for a tap that will not be granted
-        (worker thread).  A tap tapd made goes when its fds close, its qdiscs
-        and port flags with it, but not the ifb that shaped it; an adopted tap
-        stays its client's, so it leaves the bridge as well: it must not stay
-        a port without its fence, nor keep a tag a restarted tapd would take
-        for a lease."""
-        if adopted:
-            self.netlink.give_back(index)
-        if fence.shaped:
-            self.netlink.unshape(index, tap_too=adopted)
 
     def remove(self, index: int) -> bool:
         """Remove a tap by index, held or persistent (worker thread); False if
