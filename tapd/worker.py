@@ -7,7 +7,7 @@ runs every pyroute2 call (bridge lookups, dumps, removals) and the adoption
 of taps made elsewhere in a single long-lived thread.  The trio loop hands it
 a callable and sleeps until the result is back; no thread is created per
 request.  (A single-queue tap is a few quick syscalls and is made on the
-loop while this thread is idle: see :meth:`tapd.service.Service._make`.)
+loop while this thread is idle: see :mod:`tapd.making`.)
 """
 
 from __future__ import annotations
