@@ -240,7 +240,7 @@ class Server:
         not reading (then it gets request_timeout to take it)."""
         self.service.metrics.refused(error)
         with contextlib.suppress(OSError), trio.move_on_after(self.config.server.request_timeout):
-            await fdpass.send_line(sock, protocol.encode(error.to_wire()), [])
+            await fdpass.send_line(sock, protocol.encode(to_wire(error)), [])
 
     async def _send(self, sock: socket.socket, line: bytes, fds: list[int]) -> None:
         """Send a reply, within request_timeout: a client that sends requests
