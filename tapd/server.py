@@ -406,11 +406,19 @@ class Server:
             log = log.bind(op=op)
             grant = await self.service.handle(peer, request, fds_in, log)
             wire: Any = grant.reply
-        except ClientError as exc:
-            outcome = "denied" if isinstance(exc, Denied) else "refused"
+        except Denied as exc:
             log.info(
-                f"request.{outcome}",
-                outcome=outcome,
+                "request.denied",
+                outcome="denied",
+                code=exc.code,
+                message=exc.message,
+                **exc.context,
+            )
+            wire, error = to_wire(exc), exc
+        except ClientError as exc:
+            log.info(
+                "request.refused",
+                outcome="refused",
                 code=exc.code,
                 message=exc.message,
                 **exc.context,
