@@ -103,12 +103,17 @@ class InvalidValue(ProtocolError):
 
 
 class TooManyFds(ProtocolError):
-    """More fds in one message than the kernel would deliver (MSG_CTRUNC)."""
+    """More fds than tapd takes: a message whose fds the kernel had to drop
+    (``MSG_CTRUNC``), more than one request may bring, or more waiting in
+    tapd than the uid (or all clients together) may have."""
 
     code = "too-many-fds"
 
 
 class RequestTimeout(ClientError):
+    """No complete request within ``request_timeout``, a reply the client
+    did not take within it, or a connection open past its lifetime."""
+
     code = "timeout"
 
 
@@ -214,7 +219,10 @@ class NotApplicable(ClientError):
 
 
 class Unsupported(ClientError):
-    """A valid option this version of tapd does not implement yet."""
+    """The request requires what this host's kernel does not offer
+    (``vnet_hdr=on`` without ``IFF_VNET_HDR``, queues without
+    ``IFF_MULTI_QUEUE``), as QEMU's ``tap_open()`` refuses it: the request is
+    what must change here."""
 
     code = "unsupported"
 
@@ -276,6 +284,9 @@ class HelperFailed(SystemFault):
 
 
 class Overloaded(SystemFault):
+    """``max_connections`` (or the uid's ``max_connections_per_uid``) is
+    reached; the request may well succeed shortly."""
+
     code = "overloaded"
 
 
