@@ -24,6 +24,7 @@ import sys
 from . import scm
 from .exchange import (
     EOF,
+    CallError,
     ClientError,
     Exchange,
     TapGrant,
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
 
 
 __all__ = [
+    "CallError",
     "ClientError",
     "TapGrant",
     "bridge_helper",
@@ -205,7 +207,7 @@ async def call(
 ) -> tuple[dict[str, Any], list[int]]:
     """Send one request; return the reply and the fds that came with it.
 
-    Raises :class:`~tapd.exchange.ClientError`.  The caller owns the returned
+    Raises :class:`~tapd.exchange.CallError`.  The caller owns the returned
     fds.  ``timeout`` bounds the whole call.
     """
     where = socket_path(path)

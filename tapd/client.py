@@ -8,8 +8,9 @@ Python VMM manager imports.
 
 Standard library only (a process started per VM pays for every import before
 its first byte reaches tapd); :mod:`tapd.aio` is the same calls for asyncio
-and trio.  Errors are :class:`ClientError`: :class:`DaemonError` with the
-daemon's code, or a :class:`LocalError` subclass for a failure on this side.
+and trio.  Errors are :class:`CallError` (also named :class:`ClientError`, its
+first name): :class:`DaemonError` with the daemon's code, or a
+:class:`LocalError` subclass for a failure on this side.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .exchange import (
     ENV_SOCKET,
     EOF,
     BadReply,
+    CallError,
     ClientError,
     DaemonError,
     Disconnected,
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ENV_SOCKET",
     "BadReply",
+    "CallError",
     "ClientError",
     "DaemonError",
     "Disconnected",
@@ -84,7 +87,7 @@ def call(
 ) -> tuple[dict[str, Any], list[int]]:
     """Send one request; return the reply and the fds that came with it.
 
-    Raises :class:`ClientError`.  The caller owns the returned fds.
+    Raises :class:`CallError`.  The caller owns the returned fds.
     ``timeout`` bounds each wait (the connection, each send, each receive).
     """
     where = socket_path(path)

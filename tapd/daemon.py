@@ -17,7 +17,7 @@ from . import __version__
 from . import log as logging
 from .closer import CloserError, Closers
 from .config import DEFAULT_SOCKET, Config, ConfigError, load
-from .errors import ConfigInvalid, TapdError
+from .errors import ConfigInvalid, TapdError, to_wire
 from .lifecycle import Lifecycle
 from .listen import Listener, ListenError, at_path, from_fd, from_systemd
 from .making import KernelMaker
@@ -321,10 +321,12 @@ async def _unconfigured(
     log = logging.get()
     path = error.path
     reply = encode(
-        ConfigInvalid(
-            f"tapd is not serving: its configuration file {path} is invalid; the "
-            f"administrator must fix it (tapd --check-config {path}) and reload tapd"
-        ).to_wire()
+        to_wire(
+            ConfigInvalid(
+                f"tapd is not serving: its configuration file {path} is invalid; the "
+                f"administrator must fix it (tapd --check-config {path}) and reload tapd"
+            )
+        )
     )
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     with trio.open_signal_receiver(*signals) as received:

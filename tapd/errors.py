@@ -5,12 +5,21 @@ kebab-case ``code`` (part of the wire contract: never rename one, only add) and
 a message that says what to do about it.  The tree is split by whose fault it
 is, the way trio separates ``ClosedResourceError`` from ``BrokenResourceError``:
 
-* :class:`ClientError` - the request is wrong or not allowed; retrying the same
-  request will fail the same way.
+* :class:`ClientError` - the request is wrong, not allowed, or at odds with
+  what exists (a name taken, a tap leased, a requester that has exited); the
+  host is fine, and the same request fails the same way until the client
+  changes it or what it ran into.
 * :class:`SystemFault` - the host refused or broke (kernel error, bridge full);
   the request itself was fine.
 
-:func:`to_wire` is the single place an exception becomes a reply.
+:class:`TapdError`, :class:`ClientError`, :class:`ProtocolError` and
+:class:`SystemFault` are abstract: they have no ``code``, and making one raises
+``TypeError`` (as h11's bare ``ProtocolError`` cannot be made), so no reply
+ever carries a code the README's table does not list.  Every concrete class
+has a code of its own.
+
+:func:`to_wire` is the single place an exception becomes a reply, and
+:meth:`TapdError.about` the single way to add what the log says with one.
 """
 
 from __future__ import annotations
@@ -20,43 +29,49 @@ import os
 
 TYPE_CHECKING = False  # typing costs a client ~2 ms to import; mypy reads this as usual
 if TYPE_CHECKING:
-    from typing import Any, ClassVar
+    from typing import Any, ClassVar, Self
 
 
 class TapdError(Exception):
-    """Base of every error tapd reports to a client."""
+    """Base of every error tapd reports to a client.  Abstract."""
 
-    code: ClassVar[str] = "internal-error"
+    #: the stable wire code; a class without one is abstract
+    code: ClassVar[str]
 
     def __init__(self, message: str) -> None:
+        if not hasattr(self, "code"):
+            raise TypeError(
+                f"{type(self).__name__} is an abstract error with no wire code; "
+                "raise one of its subclasses"
+            )
         super().__init__(message)
         self.message = message
-        #: what the audit log should say with it (never sent to the client)
+        #: what the audit log says with it (never sent to the client); read
+        #: it here, add to it with :meth:`about`
         self.context: dict[str, Any] = {}
 
-    def about(self, **context: Any) -> TapdError:
-        """Add audit-log context (bridge, queues, the rule that decided)."""
-        self.context.update(context)
+    def about(self, **context: Any) -> Self:
+        """Add what the audit log says with this error (the rule that
+        decided, the bridge, the queues).  A key given already stays: the
+        code nearest the raise knows best."""
+        for key, value in context.items():
+            self.context.setdefault(key, value)
         return self
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"ok": False, "error": {"code": self.code, "message": self.message}}
 
 
 # -- the client's fault --------------------------------------------------------
 
 
 class ClientError(TapdError):
-    """The request is malformed, invalid or not allowed."""
-
-    code = "bad-request"
+    """The client's fault: the request is malformed, invalid, not allowed, or
+    at odds with what exists.  Abstract."""
 
 
 class ProtocolError(ClientError):
-    """The bytes on the wire are not a valid request.  The only exception the
-    protocol module raises."""
-
-    code = "bad-request"
+    """A line, or the fds sent with it, that the framing or the request
+    models refuse before any op runs.  :mod:`tapd.wire` and
+    :mod:`tapd.protocol` raise these and nothing else (a test fuzzes that); the
+    server raises :class:`TooManyFds`.  Abstract."""
 
 
 class LineTooLong(ProtocolError):
@@ -88,17 +103,23 @@ class InvalidValue(ProtocolError):
 
 
 class TooManyFds(ProtocolError):
-    """More fds in one message than the kernel would deliver (MSG_CTRUNC)."""
+    """More fds than tapd takes: a message whose fds the kernel had to drop
+    (``MSG_CTRUNC``), more than one request may bring, or more waiting in
+    tapd than the uid (or all clients together) may have."""
 
     code = "too-many-fds"
 
 
 class RequestTimeout(ClientError):
+    """No complete request within ``request_timeout``, a reply the client
+    did not take within it, or a connection open past its lifetime."""
+
     code = "timeout"
 
 
-class InvalidOptions(ProtocolError):
-    """A combination of options QEMU itself would refuse."""
+class InvalidOptions(ClientError):
+    """A combination of options QEMU itself would refuse (checked by
+    :mod:`tapd.options` once the request is decoded, not by the framing)."""
 
     code = "invalid-options"
 
@@ -126,7 +147,10 @@ class NotATap(ClientError):
 
 
 class Denied(ClientError):
-    """Policy refused the request."""
+    """Policy refused the request: a rule, or a limit the administrator set,
+    decided.  Nothing else: a race lost or a conflict with what exists has a
+    code of its own (:class:`OwnerGone`, :class:`TapLeased`), so that
+    ``denied`` (and the metrics' ``denied`` outcome) means a rule said no."""
 
     code = "denied"
 
@@ -163,6 +187,30 @@ class GuestIpInUse(ClientError):
     code = "guest-ip-in-use"
 
 
+class OwnerGone(ClientError):
+    """The process the tap would belong to (the requester, or for
+    ``bridge-helper`` its VMM) exited before the tap was made.
+
+    The client's fault, as trio's ``ClosedResourceError`` is "you closed it":
+    its own side went away mid-request.  No rule refused it (not
+    :class:`Denied`) and the host did nothing wrong (not a
+    :class:`SystemFault`); the same request from a live process succeeds."""
+
+    code = "owner-gone"
+
+
+class TapLeased(ClientError):
+    """The tap sent with ``fd=``/``fds=`` has a lease already (a second
+    adoption of it, or two adoptions racing, one lost).
+
+    The client's fault the way :class:`IfnameTaken` is: the request is at
+    odds with what exists, a lease, and fails the same way while that lease
+    lives.  No rule decided it (not :class:`Denied`), and the host is fine
+    (not a :class:`SystemFault`)."""
+
+    code = "tap-leased"
+
+
 class NotApplicable(ClientError):
     """A key that is valid for another op but cannot apply to this one (e.g.
     ``fd=`` with ``prepare``: a VMM that opens its tap by name has no fd)."""
@@ -171,7 +219,10 @@ class NotApplicable(ClientError):
 
 
 class Unsupported(ClientError):
-    """A valid option this version of tapd does not implement yet."""
+    """The request requires what this host's kernel does not offer
+    (``vnet_hdr=on`` without ``IFF_VNET_HDR``, queues without
+    ``IFF_MULTI_QUEUE``), as QEMU's ``tap_open()`` refuses it: the request is
+    what must change here."""
 
     code = "unsupported"
 
@@ -180,13 +231,13 @@ class Unsupported(ClientError):
 
 
 class SystemFault(TapdError):
-    """The request was fine; the host could not carry it out."""
-
-    code = "system-error"
+    """The system's fault: the request was fine; the host could not carry it
+    out.  Abstract."""
 
 
 class KernelError(SystemFault):
-    """A syscall failed.  ``errno`` keeps the kernel's answer for the log."""
+    """A syscall failed.  ``errno`` keeps the kernel's answer for the log.
+    Concrete (``kernel-error``, any failure without a finer class below)."""
 
     code = "kernel-error"
 
@@ -233,6 +284,9 @@ class HelperFailed(SystemFault):
 
 
 class Overloaded(SystemFault):
+    """``max_connections`` (or the uid's ``max_connections_per_uid``) is
+    reached; the request may well succeed shortly."""
+
     code = "overloaded"
 
 
@@ -251,6 +305,9 @@ class FdsRefused(SystemFault):
 
 
 class InternalError(SystemFault):
+    """A bug in tapd: what :func:`to_wire` answers for any exception that is
+    not a :class:`TapdError`; its details stay in the log."""
+
     code = "internal-error"
 
 
@@ -279,11 +336,13 @@ def kernel_error(exc: OSError, doing: str) -> KernelError:
 
 
 def to_wire(exc: BaseException) -> dict[str, Any]:
-    """The reply for any exception: tapd's own carry their code, anything
-    else is an internal error whose details stay in the log."""
-    if isinstance(exc, TapdError):
-        return exc.to_wire()
-    return InternalError(
-        "tapd hit an internal error; the request was not carried out "
-        "(details are in the daemon's log)"
-    ).to_wire()
+    """The reply for any exception, and the only way one becomes a reply:
+    tapd's own carry their code and message; anything else (a bug, among
+    them the ``TypeError`` of making an abstract error) is an internal error
+    whose details stay in the log."""
+    if not isinstance(exc, TapdError):
+        exc = InternalError(
+            "tapd hit an internal error; the request was not carried out "
+            "(details are in the daemon's log)"
+        )
+    return {"ok": False, "error": {"code": exc.code, "message": exc.message}}

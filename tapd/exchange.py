@@ -8,11 +8,13 @@ the exchange checks the reply and turns it into a result or an error.  The
 two clients therefore cannot differ in what they accept, and the framing
 they use is the daemon's own (:mod:`tapd.wire`, :mod:`tapd.scm`).
 
-Errors: everything a client raises is a :class:`ClientError` with a ``code``
+Errors: everything a client raises is a :class:`CallError` with a ``code``
 and a ``message``.  A :class:`DaemonError` carries one of the daemon's wire
 codes (the README's error table); a :class:`LocalError` is a failure on this
 side of the socket (tapd unreachable, no answer in time, a reply that cannot
-be read), with a code of its own that no daemon sends.
+be read), with a code of its own that no daemon sends.  (:class:`ClientError`
+is CallError's first name, kept for callers; it is not the daemon's
+:class:`tapd.errors.ClientError`, "the client's fault".)
 
 Standard library only: a VMM started per VM imports this before its first
 byte reaches tapd.
@@ -75,7 +77,7 @@ def socket_path(explicit: str | None = None) -> str:
 # -- errors --------------------------------------------------------------------------
 
 
-class ClientError(Exception):
+class CallError(Exception):
     """Anything a tapd client raises: ``code`` (stable, kebab-case) and a
     ``message`` that says what to do about it."""
 
@@ -85,17 +87,26 @@ class ClientError(Exception):
         self.message = message
 
 
-class DaemonError(ClientError):
+#: CallError's first name, kept for the callers that catch it (a public name
+#: of tapd.client and tapd.aio)
+ClientError = CallError
+
+
+class DaemonError(CallError):
     """tapd answered with an error: ``code`` is one of its wire codes."""
 
 
-class LocalError(ClientError):
+class LocalError(CallError):
     """The call failed on the client's side of the socket.  Each subclass has
-    a code of its own that is never one of the daemon's wire codes."""
+    a code of its own that is never one of the daemon's wire codes.  Abstract,
+    as the daemon's bases are: with no ``CODE`` of its own it cannot be made."""
 
-    CODE: ClassVar[str] = "client-error"
+    #: the stable code; a class without one is abstract
+    CODE: ClassVar[str]
 
     def __init__(self, message: str) -> None:
+        if not hasattr(self, "CODE"):
+            raise TypeError(f"{type(self).__name__} is abstract; raise one of its subclasses")
         super().__init__(self.CODE, message)
 
 

@@ -48,7 +48,7 @@ from pydantic import BaseModel
 from . import log as logging
 from . import nft, owner, programs, tun
 from .config import Config
-from .errors import Denied
+from .errors import TapLeased
 from .fence import Fence
 from .leases import Lease, Registry, parse_tag
 from .netlink import LinkEvent, Netlink, link_events
@@ -211,10 +211,11 @@ class Lifecycle:
 
     def begin(self, lease: Lease, pidfd: int) -> None:
         """Start tracking ``lease``; takes ownership of ``pidfd``.  An
-        interface has at most one lease: a second is refused."""
+        interface has at most one lease: a second is refused (two adoptions
+        of one tap that raced past the check in tapd.taps)."""
         if self.registry.get(lease.ifindex) is not None:
             os.close(pidfd)
-            raise Denied(f"tap {lease.ifname!r} already has a lease")
+            raise TapLeased(f"tap {lease.ifname!r} already has a lease")
         self.registry.add(lease)
         scope = trio.CancelScope()
         self._watches[lease.ifindex] = scope

@@ -197,7 +197,7 @@ class Server:
         not reading (then it gets request_timeout to take it)."""
         self.service.metrics.refused(error)
         with contextlib.suppress(OSError), trio.move_on_after(self.config.server.request_timeout):
-            await fdpass.send_line(sock, protocol.encode(error.to_wire()), [])
+            await fdpass.send_line(sock, protocol.encode(to_wire(error)), [])
 
     async def _send(self, sock: socket.socket, line: bytes, fds: list[int]) -> None:
         """Send a reply, within request_timeout: a client that sends requests
@@ -363,11 +363,19 @@ class Server:
             log = log.bind(op=op)
             grant = await self.service.handle(peer, request, fds_in, log)
             wire: Any = grant.reply
-        except ClientError as exc:
-            outcome = "denied" if isinstance(exc, Denied) else "refused"
+        except Denied as exc:
             log.info(
-                f"request.{outcome}",
-                outcome=outcome,
+                "request.denied",
+                outcome="denied",
+                code=exc.code,
+                message=exc.message,
+                **exc.context,
+            )
+            wire, error = to_wire(exc), exc
+        except ClientError as exc:
+            log.info(
+                "request.refused",
+                outcome="refused",
                 code=exc.code,
                 message=exc.message,
                 **exc.context,

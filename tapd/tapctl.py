@@ -471,7 +471,7 @@ def _guarded(prog: str, run: Callable[[], int]) -> int:
         code = run()
         sys.stdout.flush()  # here, not at exit, where a closed pipe would be a traceback
         return code
-    except client.ClientError as exc:
+    except client.CallError as exc:
         _say(f"{prog}: {exc.message} [{exc.code}]")
         return 1
     except KeyboardInterrupt:

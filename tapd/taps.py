@@ -23,6 +23,7 @@ from .errors import (
     KernelError,
     NotATap,
     TapIntruded,
+    TapLeased,
     Unsupported,
     VhostUnavailable,
 )
@@ -373,7 +374,7 @@ class KernelTaps:
         (name,) = names
         index = tun.ifindex(name)
         if index in spec.leased:
-            raise Denied(f"tap {name!r} already has a lease; it cannot be adopted again")
+            raise TapLeased(f"tap {name!r} already has a lease; it cannot be adopted again")
         if spec.require_owner is not None:
             # Holding an fd proves nothing (see adoption_problem): only a tap
             # its requester could just have made may be moved, re-addressed

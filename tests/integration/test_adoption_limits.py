@@ -95,7 +95,7 @@ def test_a_clients_own_tap_is_adopted_and_outlives_its_lease(
             # Adopting it again (re-leasing a leased tap) is refused.
             with pytest.raises(client.ClientError) as exc:
                 daemon.call({"op": "request", "fd": "3", "br": "br0"}, fds=fds)
-            assert exc.value.code == "denied" and "already has a lease" in exc.value.message
+            assert exc.value.code == "tap-leased" and "already has a lease" in exc.value.message
             _finish(proc)
             # Its owner is gone but a process (this one) holds the tap: the
             # lease stays, the tap stays on its bridge.

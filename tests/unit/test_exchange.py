@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tapd import client, config, errors, exchange, fdpass, protocol, scm, tapctl, wire
+from tapd import aio, client, config, errors, exchange, fdpass, protocol, scm, tapctl, wire
 from tapd.exchange import Exchange
 
 # -- one definition ------------------------------------------------------------------------
@@ -51,15 +51,37 @@ def subclasses(cls: type) -> Iterator[type]:
 
 
 def test_client_codes_are_never_wire_codes() -> None:
-    wire_codes = {errors.TapdError.code} | {c.code for c in subclasses(errors.TapdError)}
+    # every code a reply can carry: the concrete classes' (abstract ones have none)
+    wire_codes = {c.code for c in subclasses(errors.TapdError) if hasattr(c, "code")}
+    assert {"owner-gone", "tap-leased", "timeout", "too-many-fds"} <= wire_codes
     local = {c.CODE for c in subclasses(exchange.LocalError)}
     # every client-side failure, tapctl's included, has a class and a code
     assert local >= {
         "unreachable", "client-timeout", "disconnected", "bad-reply", "reply-fds-dropped",
-        "send-failed", "bad-netdev", "no-such-fd", "handoff-failed",
+        "send-failed", "bad-netdev", "no-such-fd", "handoff-failed", "output-failed",
     }  # fmt: skip
     assert not local & wire_codes
     assert len(local) == len(list(subclasses(exchange.LocalError)))  # no two share one
+
+
+def test_client_class_names_are_never_the_daemons() -> None:
+    """A name means one thing: the daemon's ClientError is "the client's
+    fault", so the client library's root is CallError."""
+    daemon = {c.__name__ for c in [errors.TapdError, *subclasses(errors.TapdError)]}
+    ours = {c.__name__ for c in [exchange.CallError, *subclasses(exchange.CallError)]}
+    assert "BadNetdev" in ours  # tapctl's too
+    assert not daemon & ours
+
+
+def test_the_client_root_keeps_its_first_name() -> None:
+    assert client.ClientError is client.CallError is exchange.CallError
+    assert aio.ClientError is aio.CallError is client.CallError
+    assert {"CallError", "ClientError"} <= set(client.__all__) & set(aio.__all__)
+
+
+def test_the_local_base_is_abstract() -> None:
+    with pytest.raises(TypeError, match="abstract"):
+        exchange.LocalError("x")
 
 
 def test_client_errors_are_one_family() -> None:

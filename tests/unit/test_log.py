@@ -1,9 +1,12 @@
-"""Log lines carry their priority when, and only when, stderr is the journal."""
+"""Log lines: every event named by a literal, and the line's priority when, and
+only when, stderr is the journal."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,3 +83,50 @@ def test_elsewhere_the_lines_are_plain_json(
     (line,) = _lines(path)
     assert json.loads(line)["event"] == "an.error"
     assert log.prefix("error") == ""
+
+
+# -- event names --------------------------------------------------------------------------
+
+LEVELS = {"debug", "info", "warning", "error", "exception", "critical", "msg"}
+#: thing.action[.outcome]: lowercase words, dotted
+EVENT = re.compile(r"^[a-z_]+(\.[a-z_]+)+$")
+PACKAGE = Path(log.__file__).parent
+
+
+def _log_calls() -> Iterator[tuple[str, ast.Call]]:
+    for path in sorted(PACKAGE.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in LEVELS
+            ):
+                yield f"{path.name}:{node.lineno}", node
+
+
+def test_the_walk_finds_the_log_calls() -> None:
+    assert sum(1 for _ in _log_calls()) > 50
+
+
+def test_every_event_is_named_by_a_literal() -> None:
+    """So that grep finds every place an event is logged (an f-string such as
+    f"request.{outcome}" hides request.denied from it)."""
+    computed = [
+        where
+        for where, call in _log_calls()
+        if not (
+            call.args
+            and isinstance(call.args[0], ast.Constant)
+            and isinstance(call.args[0].value, str)
+        )
+    ]
+    assert computed == []
+
+
+def test_every_event_is_named_thing_action() -> None:
+    names = {
+        where: call.args[0].value
+        for where, call in _log_calls()
+        if call.args and isinstance(call.args[0], ast.Constant)
+    }
+    assert {where: name for where, name in names.items() if not EVENT.match(str(name))} == {}

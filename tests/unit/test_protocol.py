@@ -499,7 +499,7 @@ def test_reply_model_round_trip() -> None:
 
 
 def test_error_reply_round_trip() -> None:
-    wire = errors.Denied("no").to_wire()
+    wire = errors.to_wire(errors.Denied("no"))
     assert protocol.decode_reply(protocol.encode(wire)[:-1]) == wire
 
 
