@@ -110,7 +110,7 @@ class Granter:
                 peer, what, fds_in, log, owner_, guest_mac, mac_known, guest_ips
             )
         except TapdError as exc:
-            exc.context = {"bridge": what.bridge, "queues": what.queues, **exc.context}
+            exc.about(bridge=what.bridge, queues=what.queues)
             raise
 
     async def _granted(

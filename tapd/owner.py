@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import fdinfo
-from .errors import Denied
+from .errors import Denied, OwnerGone
 
 #: <asm-generic/socket.h>: SO_PEERPIDFD (Linux 6.5): a pidfd for the peer
 #: process as of connect(), with no window for pid reuse.
@@ -212,13 +212,13 @@ class Owner:
         start = identify(pidfd, pid)
         if start is None:
             os.close(pidfd)
-            raise Denied("the process the tap would belong to has exited")
+            raise OwnerGone("the process the tap would belong to has exited")
         self.start = start
 
     @classmethod
     def of_peer(cls, peer: Peer) -> Owner:
         if peer.pidfd < 0:
-            raise Denied("the requesting process exited before its tap was made")
+            raise OwnerGone("the requesting process exited before its tap was made")
         return cls(peer.pid, os.dup(peer.pidfd))
 
     @classmethod
@@ -246,7 +246,7 @@ class Owner:
         finally:
             sock.detach()
         if pidfd is None:
-            raise Denied("the VMM behind the helper socket is gone")
+            raise OwnerGone("the VMM behind the helper socket is gone")
         if uid != peer.uid and peer.uid != 0:
             os.close(pidfd)
             raise Denied(
@@ -263,12 +263,12 @@ class Owner:
         lease, and the tap would outlive the requester."""
         found = parent(peer.pidfd, peer.pid) if peer.pidfd >= 0 else None
         if found is None:
-            raise Denied("the requesting process's parent (its VMM) is gone")
+            raise OwnerGone("the requesting process's parent (its VMM) is gone")
         pid, pidfd = found
         ids = uids(pid)
         if ids is None or exited(pidfd):
             os.close(pidfd)
-            raise Denied("the requesting process's parent (its VMM) is gone")
+            raise OwnerGone("the requesting process's parent (its VMM) is gone")
         if peer.uid != 0 and ids != (peer.uid, peer.uid):
             os.close(pidfd)
             raise Denied(

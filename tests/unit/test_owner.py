@@ -68,3 +68,25 @@ def test_a_dead_owner_cannot_be_reopened_even_by_a_reused_pid() -> None:
     assert owner.reopen(pid, start) is None
     # a live process whose start time does not match is not the owner
     assert owner.reopen(os.getpid(), start) is None
+
+
+def test_an_owner_gone_before_its_tap_is_a_race_not_a_denial() -> None:
+    from tapd.errors import OwnerGone, to_wire
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    pidfd = os.pidfd_open(child.pid)
+    child.wait()  # exited and reaped: its pid names nothing now
+    try:
+        owner.Owner(child.pid, pidfd)
+    except OwnerGone as exc:
+        assert to_wire(exc)["error"]["code"] == "owner-gone"
+    else:
+        raise AssertionError("an exited process became a lease's owner")
+    # A peer whose pidfd could not be taken (it was gone at accept).
+    gone = owner.Peer(uid=os.getuid(), gid=os.getgid(), pid=child.pid, pidfd=-1)
+    for find in (owner.Owner.of_peer, owner.Owner.parent_of):
+        try:
+            find(gone)
+        except OwnerGone:
+            continue
+        raise AssertionError(f"{find.__name__} took a process that is gone")
