@@ -28,8 +28,6 @@ from tapdtest import Daemon, ip, links, run_daemon, taps, wait_until
 
 from tapd import client
 
-pytestmark = pytest.mark.root
-
 REPO = str(Path(__file__).resolve().parents[2])
 
 #: uids and gids with no passwd/group entry (setpriv and tapd need none), and nobody

@@ -14,8 +14,6 @@ from tapdtest import Daemon, ip, links, open_fds, taps, wait_until
 
 from tapd import client, fdpass, protocol, tun
 
-pytestmark = pytest.mark.root
-
 
 def test_granted_fd_is_a_tap_on_the_bridge(daemon: Daemon) -> None:
     grant = daemon.request(br="br0")
