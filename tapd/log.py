@@ -16,9 +16,14 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeAlias
 
 import structlog
+
+#: what :func:`get` returns, and what its ``bind`` returns: the class
+#: :func:`configure` installs (``make_filtering_bound_logger``) and structlog's
+#: default before it runs
+Logger: TypeAlias = structlog.typing.FilteringBoundLogger
 
 #: structlog's level names as syslog priorities (<syslog.h>: LOG_CRIT 2,
 #: LOG_ERR 3, LOG_WARNING 4, LOG_INFO 6, LOG_DEBUG 7)
@@ -82,5 +87,6 @@ def configure(stream: TextIO | None = None, level: int = logging.INFO) -> None:
     )
 
 
-def get(**bound: Any) -> Any:
-    return structlog.get_logger("tapd").bind(**bound)
+def get(**bound: Any) -> Logger:
+    logger: Logger = structlog.get_logger("tapd").bind(**bound)
+    return logger

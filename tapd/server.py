@@ -242,7 +242,7 @@ class Server:
         return None
 
     async def _serve_connection(
-        self, sock: socket.socket, conn: int, peer: Peer, log: Any, whose: str
+        self, sock: socket.socket, conn: int, peer: Peer, log: logging.Logger, whose: str
     ) -> None:
         lines = protocol.LineBuffer()
         seq = itertools.count(1)
@@ -329,7 +329,7 @@ class Server:
         finally:
             self._let_go(peer.uid, pending, whose)
 
-    async def _time_out(self, sock: socket.socket, log: Any, end_of_life: float) -> None:
+    async def _time_out(self, sock: socket.socket, log: logging.Logger, end_of_life: float) -> None:
         server = self.config.server
         if trio.current_time() >= end_of_life:
             lifetime = server.connection_lifetime
@@ -351,7 +351,7 @@ class Server:
         line: bytes,
         fds_in: list[int],
         peer: Peer,
-        log: Any,
+        log: logging.Logger,
     ) -> None:
         started = time.perf_counter()
         grant: Grant | None = None

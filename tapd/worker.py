@@ -15,12 +15,13 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TypeVar, TypeVarTuple
 
 import outcome
 import trio
 
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 _STOP = object()
 
@@ -40,7 +41,7 @@ class KernelWorker:
                 return
             job()  # type: ignore[operator]
 
-    async def run(self, fn: Callable[..., T], *args: object) -> T:
+    async def run(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
         """Run ``fn(*args)`` in the kernel thread and return its result.
 
         Not cancellable once submitted: a kernel call that made something

@@ -31,7 +31,6 @@ bridges = ["br0"]
         yield daemon
 
 
-@pytest.mark.e2e
 def test_unprivileged_qemu_opens_a_prepared_tap_by_name_and_pings_the_bridge(
     user_daemon: Daemon, guest_image: GuestImage, user_venv: Path
 ) -> None:

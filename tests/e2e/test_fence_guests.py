@@ -16,8 +16,6 @@ from guest import GuestImage, qemu_argv
 from tapdtest import Daemon, ip, run_daemon
 from test_matrix import Qemu, single_thread_tcg
 
-pytestmark = pytest.mark.e2e
-
 BRIDGE = "10.77.8.1"
 A, B, C = "10.77.8.2", "10.77.8.3", "10.77.8.4"
 

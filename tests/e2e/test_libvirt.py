@@ -30,8 +30,6 @@ BRIDGE_ADDR = "10.77.6.1"
 GUEST_ADDR = "10.77.6.2"
 DOMAIN = "tapd-e2e-vm"
 
-pytestmark = pytest.mark.e2e
-
 
 @dataclass
 class Session:

@@ -36,8 +36,6 @@ from tapdtest import Daemon, ip, links, run_daemon, taps, wait_until
 
 from tapd import client
 
-pytestmark = pytest.mark.e2e
-
 BRIDGE_ADDR = "10.77.3.1"
 GUEST_A = "10.77.3.2"
 GUEST_B = "10.77.3.3"

@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import pytest
 from qemu_rules import RULE_MESSAGES, QemuJudge, QemuOutcome
 
 from tapd import options, protocol
@@ -294,7 +293,6 @@ def summary(rows: list[Row], seconds: float, judge: QemuJudge) -> str:
     return "\n".join(lines)
 
 
-@pytest.mark.e2e
 def test_tapd_refuses_exactly_the_tap_options_qemu_refuses() -> None:
     started = time.monotonic()
     with QemuJudge(workers=4) as judge:

@@ -12,7 +12,6 @@ from tapdtest import Daemon, ip, taps, wait_until
 BRIDGE_ADDR = "10.77.1.1"
 
 
-@pytest.mark.e2e
 def test_tapctl_request_runs_qemu_and_the_guest_pings_the_bridge(
     daemon: Daemon, guest_image: GuestImage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -42,7 +41,6 @@ def test_tapctl_request_runs_qemu_and_the_guest_pings_the_bridge(
     wait_until(lambda: taps(daemon.ns) == [], what="the tap to vanish after QEMU exits")
 
 
-@pytest.mark.e2e
 def test_qemu_is_not_started_when_tapd_refuses(daemon: Daemon, guest_image: GuestImage) -> None:
     qemu = qemu_argv(guest_image, "tap,id=n0,fd={fd}", ip="10.77.1.2/24", ping="")
     run = run_qemu(

@@ -16,8 +16,6 @@ from tapdtest import Daemon, ip, links, make_tap_in, run_daemon, taps, wait_unti
 
 from tapd import client, tun
 
-pytestmark = pytest.mark.root
-
 NOBODY = 65534
 
 #: runs as uid NOBODY: adopt the tap whose fd (argv[2]) it inherited onto br0

@@ -12,8 +12,6 @@ from tapdtest import Daemon, links, open_fds, taps, wait_until
 
 from tapd import aio, client, tun
 
-pytestmark = pytest.mark.root
-
 
 async def lifecycle_of_a_lease(daemon: Daemon) -> None:
     """Grant, see it listed, release it: the tap goes at once."""

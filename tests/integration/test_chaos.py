@@ -22,13 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 from livelog import events
 from tapdtest import daemon_argv, links, wait_until
 
 from tapd import client
-
-pytestmark = pytest.mark.root
 
 CLIENTS = Path(__file__).resolve().parent.parent / "chaos_clients.py"
 CONFIG = '[[allow]]\nusers = ["0", "65534"]\nbridges = ["br0"]\n'

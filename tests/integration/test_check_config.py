@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 from tapdtest import daemon_argv
 
-pytestmark = pytest.mark.root
-
 REPO = Path(__file__).resolve().parents[2]
 
 

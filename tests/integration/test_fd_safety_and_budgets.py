@@ -31,8 +31,6 @@ from tapdtest import Daemon, run_daemon, taps, wait_until
 
 from tapd import client, closer, tun
 
-pytestmark = pytest.mark.root
-
 REPO = str(Path(__file__).resolve().parents[2])
 U1, U2, U3 = 4242, 4243, 4244
 G1 = 4300

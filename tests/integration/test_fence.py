@@ -27,8 +27,6 @@ from tapdtest import (
 from tapd import client, tun
 from tapd.fence import ifb_name
 
-pytestmark = pytest.mark.root
-
 FENCED = """
 [taps]
 guest_mac_prefix = "52:54:00:7a"

@@ -29,8 +29,6 @@ from tapdtest import (
 from tapd import client, tun
 from tapd.fence import ifb_name
 
-pytestmark = pytest.mark.root
-
 # A filtering rule holds a requested guest_mac to the guest prefix: these
 # tests give the bridge (and a neighbour) addresses under it, so that what
 # they prove is the bridge's own check, not the prefix.

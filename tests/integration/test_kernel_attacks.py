@@ -24,8 +24,6 @@ from tapdtest import Daemon, ip, links, run_daemon
 
 from tapd import client
 
-pytestmark = pytest.mark.root
-
 REPO = str(Path(__file__).resolve().parents[2])
 NOBODY = 65534
 

@@ -17,8 +17,6 @@ from tapdtest import Daemon, links, run_daemon, taps, wait_until
 
 from tapd import client
 
-pytestmark = pytest.mark.root
-
 #: a process that asks tapd for a tap, optionally makes it persistent, prints
 #: the reply's lease and ifname, and holds the fd until its stdin closes
 HOLDER = """

@@ -18,8 +18,6 @@ from tapdtest import daemon_argv, taps, wait_until
 
 from tapd import client
 
-pytestmark = pytest.mark.root
-
 
 @pytest.fixture
 def sockdir() -> Iterator[Path]:

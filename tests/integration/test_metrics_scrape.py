@@ -16,8 +16,6 @@ from tapdtest import Daemon, ip, links, run_daemon, wait_until
 
 from tapd import client
 
-pytestmark = pytest.mark.root
-
 Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
 
 

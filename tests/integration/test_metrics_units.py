@@ -12,11 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tapdtest import Daemon
-
-pytestmark = pytest.mark.root
 
 UNITS = Path(__file__).resolve().parents[2] / "systemd"
 TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"

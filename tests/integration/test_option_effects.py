@@ -14,8 +14,6 @@ from tapdtest import Daemon, ip, links, make_tap_in, netns, run_daemon, taps, wa
 
 from tapd import client, protocol, tun
 
-pytestmark = pytest.mark.root
-
 QEMU_BRIDGE_HELPER = "/usr/lib/qemu/qemu-bridge-helper"
 
 

@@ -12,8 +12,6 @@ from fleet import Fleet, kill
 from livelog import events
 from tapdtest import Daemon, links, run_daemon, taps, wait_until
 
-pytestmark = pytest.mark.root
-
 
 def _events(daemon: Daemon, lease: str) -> list[str]:
     return [e["event"] for e in events(daemon.log_path) if e.get("lease") == lease]

@@ -19,8 +19,6 @@ from typing import Any
 import pytest
 from tapdtest import Daemon, ip, links, run_daemon, taps, wait_until
 
-pytestmark = pytest.mark.root
-
 REPO = str(Path(__file__).resolve().parents[2])
 U1, U2 = 4251, 4252
 

@@ -8,11 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 from tapdtest import run_daemon, taps
 from test_prepare import U1, Vmm
-
-pytestmark = pytest.mark.root
 
 
 def test_prepare_refuses_a_tap_group_the_requester_is_not_in(

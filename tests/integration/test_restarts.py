@@ -9,12 +9,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 from fleet import Fleet, kill
 from livelog import events
 from tapdtest import Daemon, ip, run_daemon, taps, wait_until
-
-pytestmark = pytest.mark.root
 
 
 def _logged(daemon: Daemon, event: str) -> bool:

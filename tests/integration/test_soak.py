@@ -5,10 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import pytest
 from bench.soak import soak
-
-pytestmark = pytest.mark.root
 
 #: tapd's RSS may grow this much after the warm-up (measured: +0.4 to +1.3 MiB
 #: over 5,000 requests; a leak of one reply buffer per request would be more)

@@ -33,8 +33,6 @@ from typing import Any
 import pytest
 from tapdtest import wait_until
 
-pytestmark = pytest.mark.root
-
 REPO = Path(__file__).resolve().parents[2]
 #: where the README's block runs: ProtectHome=yes hides it from tapd.service
 CLONE = "/root/tapd"

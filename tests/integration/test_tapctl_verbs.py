@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 from tapdtest import Daemon, links, taps, wait_until
 
-pytestmark = pytest.mark.root
-
 BIN = Path(sys.executable).parent
 
 

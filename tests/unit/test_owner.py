@@ -24,6 +24,14 @@ def test_start_time_and_parent_of_this_process() -> None:
         os.close(pidfd)
 
 
+def _started_at(ticks: int) -> float:
+    """A start time in clock ticks since boot (proc(5)), as a Unix time:
+    from the boot time in /proc/stat's ``btime`` line."""
+    with open("/proc/stat") as stat:
+        btime = next(int(line.split()[1]) for line in stat if line.startswith("btime "))
+    return btime + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def test_a_process_with_spaces_and_parens_in_its_name() -> None:
     # /proc/PID/stat's second field is the command in parentheses, and may
     # itself hold ') ('; the fields after it must still be found.
@@ -43,9 +51,20 @@ def test_a_process_with_spaces_and_parens_in_its_name() -> None:
             assert b"(a) (b c)" in stat.read()
         start = owner.starttime(proc.pid)
         assert start is not None
+        # Checked against other sources than /proc/PID/stat (reopen below
+        # reads the same field, so it would agree with a wrong one): the
+        # child started a moment ago, as the boot time says, and it is ours.
+        assert abs(_started_at(start) - time.time()) < 30
         pidfd = owner.reopen(proc.pid, start)
         assert pidfd is not None
-        os.close(pidfd)
+        try:
+            found = owner.parent(pidfd, proc.pid)
+            assert found is not None
+            ppid, ppidfd = found
+            os.close(ppidfd)
+            assert ppid == os.getpid()
+        finally:
+            os.close(pidfd)
     finally:
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.close()
