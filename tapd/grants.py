@@ -21,6 +21,7 @@ from .errors import Denied, InvalidValue, QuotaExceeded, TapdError
 from .fence import Fence, check_guest_ips, choose_mac
 from .leases import Lease, LeaseTerms, new_id
 from .lifecycle import Grant, Lifecycle
+from .log import Logger
 from .making import TapMaker
 from .models import PrepareReply, TapReply
 from .options import AdoptPlan, CreatePlan, HelperPlan, Plan, Vhost
@@ -96,7 +97,7 @@ class Granter:
         peer: Peer,
         what: Plan,
         fds_in: list[int],
-        log: Any,
+        log: Logger,
         owner_: Owner,
         guest_mac: str | None = None,
         mac_known: bool = True,
@@ -118,7 +119,7 @@ class Granter:
         peer: Peer,
         what: Plan,
         fds_in: list[int],
-        log: Any,
+        log: Logger,
         owner_: Owner,
         guest_mac: str | None,
         mac_known: bool,
@@ -245,7 +246,7 @@ class Granter:
         terms: LeaseTerms,
         fds: list[int],
         reply_fds: int,
-        log: Any,
+        log: Logger,
     ) -> Grant:
         """Start the lease on the tap as made, and the reply that hands it
         out.  On failure the tap goes (an adopted tap stays its client's)."""
@@ -284,7 +285,7 @@ class Granter:
         what: CreatePlan,
         terms: _Terms,
         owner_: Owner,
-        log: Any,
+        log: Logger,
     ) -> Grant:
         decision = terms.decision
         if (
@@ -348,7 +349,7 @@ class Granter:
         terms: _Terms,
         owner_: Owner,
         fds_in: list[int],
-        log: Any,
+        log: Logger,
     ) -> Grant:
         if len(fds_in) < len(what.names):
             raise InvalidValue(
@@ -376,7 +377,7 @@ class Granter:
         what: HelperPlan,
         terms: _Terms,
         owner_: Owner,
-        log: Any,
+        log: Logger,
     ) -> Grant:
         decision = terms.decision
         path = self._program("helper", self.config.programs.helpers, what.helper)

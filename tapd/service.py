@@ -20,6 +20,7 @@ from .errors import LeaseNotFound
 from .grants import Granter
 from .leases import Lease
 from .lifecycle import Grant, Lifecycle
+from .log import Logger
 from .making import TapMaker
 from .models import (
     REQUEST_MODELS,
@@ -39,7 +40,7 @@ from .options import DEFAULT_HELPER_BRIDGE, plan, prepare_plan
 from .owner import Owner, Peer
 
 #: what an op does: (peer, request, fds that came with it, log) -> the reply
-Op = Callable[[Peer, Any, list[int], Any], Awaitable[Grant]]
+Op = Callable[[Peer, Any, list[int], Logger], Awaitable[Grant]]
 
 
 def _info(lease: Lease) -> LeaseInfo:
@@ -78,14 +79,14 @@ class Service:
         self.granter.configure(config)
         self.lifecycle.config = config
 
-    async def handle(self, peer: Peer, request: Request, fds_in: list[int], log: Any) -> Grant:
+    async def handle(self, peer: Peer, request: Request, fds_in: list[int], log: Logger) -> Grant:
         """Carry out ``request``.  ``fds_in`` stay the caller's to close."""
         return await self._ops[request.op](peer, request, fds_in, log)
 
     # -- taps ---------------------------------------------------------------------
 
     async def _tap(
-        self, peer: Peer, request: TapRequest | PrepareRequest, fds_in: list[int], log: Any
+        self, peer: Peer, request: TapRequest | PrepareRequest, fds_in: list[int], log: Logger
     ) -> Grant:
         # A prepared tap's lease belongs to its requester too: tapctl prepare
         # execs the VMM, so the VMM itself is the owner, and its exit ends
@@ -104,7 +105,7 @@ class Service:
             )
 
     async def _bridge_helper(
-        self, peer: Peer, request: BridgeHelperRequest, fds_in: list[int], log: Any
+        self, peer: Peer, request: BridgeHelperRequest, fds_in: list[int], log: Logger
     ) -> Grant:
         # QEMU's bridge helper protocol: a tap on br (default br0), no other
         # options; the lease belongs to the QEMU that ran the helper.
@@ -120,16 +121,16 @@ class Service:
 
     # -- everything else --------------------------------------------------------
 
-    async def _hello(self, peer: Peer, request: Request, fds_in: list[int], log: Any) -> Grant:
+    async def _hello(self, peer: Peer, request: Request, fds_in: list[int], log: Logger) -> Grant:
         return Grant(
             HelloReply(protocol=PROTOCOL_VERSION, version=__version__, ops=tuple(REQUEST_MODELS))
         )
 
-    async def _list(self, peer: Peer, request: Request, fds_in: list[int], log: Any) -> Grant:
+    async def _list(self, peer: Peer, request: Request, fds_in: list[int], log: Logger) -> Grant:
         leases = self.lifecycle.registry.visible_to(peer.uid)
         return Grant(ListReply(leases=tuple(_info(x) for x in leases)))
 
-    async def _status(self, peer: Peer, request: Request, fds_in: list[int], log: Any) -> Grant:
+    async def _status(self, peer: Peer, request: Request, fds_in: list[int], log: Logger) -> Grant:
         return Grant(
             StatusReply(
                 version=__version__,
@@ -141,7 +142,7 @@ class Service:
             )
         )
 
-    async def _metrics(self, peer: Peer, request: Request, fds_in: list[int], log: Any) -> Grant:
+    async def _metrics(self, peer: Peer, request: Request, fds_in: list[int], log: Logger) -> Grant:
         text = await metrics.scrape(
             self.metrics,
             peer,
@@ -152,7 +153,7 @@ class Service:
         return Grant(MetricsReply(text=text))
 
     async def _release(
-        self, peer: Peer, request: ReleaseRequest, fds_in: list[int], log: Any
+        self, peer: Peer, request: ReleaseRequest, fds_in: list[int], log: Logger
     ) -> Grant:
         lease = self.lifecycle.registry.find(peer.uid, request.lease)
         if lease is None:

@@ -196,12 +196,15 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("lines and fds, shared with the clients", {"wire", "scm", "exchange"}),
     ("requests and rules, no I/O", {"protocol", "models", "options", "fence", "nft"}),
     ("the kernel", {"tun", "netlink", "fdinfo", "fdpass", "worker"}),
-    ("taps and programs, in intentions", {"taps", "programs"}),
     (
-        "configuration, policy, leases and their owners",
-        {"config", "policy", "leases", "lifecycle", "owner", "metrics"},
+        "taps made, programs run, and who asks, in intentions",
+        {"taps", "making", "programs", "owner"},
     ),
-    ("what each op does", {"service"}),
+    (
+        "configuration, policy, leases and their lifecycle",
+        {"config", "policy", "leases", "lifecycle", "metrics"},
+    ),
+    ("granting taps, and what each op does", {"grants", "service"}),
     ("the daemon", {"server", "listen", "sdnotify", "closer", "daemon"}),
     ("the clients", {"client", "aio", "tapctl"}),
 ]
