@@ -3,7 +3,8 @@
 Each connection is its own trio task; nothing one client does (a malformed
 line, a disconnect mid-request, an idle socket) reaches another.  Requests are
 carried out by :class:`~tapd.service.Service`; this module only moves bytes
-and fds (through :mod:`tapd.fdpass`) and maps exceptions to replies (through
+and fds (through :mod:`tapd.fdpass`), keeps each connection's state in a
+:class:`~tapd.connection.Connection`, and maps exceptions to replies (through
 :func:`tapd.errors.to_wire`).
 """
 
