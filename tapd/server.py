@@ -274,7 +274,7 @@ class Server:
                         received.fds,
                         received.truncated,
                         max_fds_per_uid=self.config.server.max_fds_per_uid,
-                        accept_fds=self.closers.healthy,
+                        accept_fds=not received.fds or self.closers.healthy,
                     )
                 except FdsRefused as exc:
                     # tapd could not let go of these fds now: refuse, loudly.
