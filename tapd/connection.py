@@ -67,8 +67,9 @@ class FdBudget:
         return self._per_uid.get(uid, 0)
 
     def hold(self, uid: int, count: int) -> None:
-        self.held += count
-        self._per_uid[uid] += count
+        if count:
+            self.held += count
+            self._per_uid[uid] += count
 
     def release(self, uid: int, count: int) -> None:
         if count:
