@@ -3,7 +3,8 @@
 Each connection is its own trio task; nothing one client does (a malformed
 line, a disconnect mid-request, an idle socket) reaches another.  Requests are
 carried out by :class:`~tapd.service.Service`; this module only moves bytes
-and fds (through :mod:`tapd.fdpass`) and maps exceptions to replies (through
+and fds (through :mod:`tapd.fdpass`), keeps each connection's state in a
+:class:`~tapd.connection.Connection`, and maps exceptions to replies (through
 :func:`tapd.errors.to_wire`).
 """
 
@@ -25,30 +26,24 @@ from . import fdpass, protocol
 from . import log as logging
 from .closer import Closers
 from .config import Config
+from .connection import MAX_FDS_PER_REQUEST, Connection, FdBudget
 from .errors import (
     ClientError,
     Denied,
     FdsRefused,
-    LineTooLong,
     Overloaded,
+    ProtocolError,
     RequestTimeout,
     TapdError,
-    TooManyFds,
     to_wire,
 )
-from .fdpass import MAX_FDS_PER_MSG
 from .lifecycle import Grant
-from .models import MAX_TAP_QUEUES
 from .owner import Peer, peer_of
 from .service import Service
 
 #: accept() errors that mean "the host is short of something", not "the
 #: listening socket is broken": back off and try again (as trio's serve_listeners).
 ACCEPT_OVERLOAD = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-
-#: the most fds one request line may bring: a full set of tap queues and as
-#: many vhost fds.  More is refused before it can fill tapd's fd table.
-MAX_FDS_PER_REQUEST = 2 * MAX_TAP_QUEUES
 
 #: connections accepted in a row before the accept loop lets others run
 ACCEPT_BATCH = 64
@@ -69,13 +64,9 @@ class Server:
         #: fds received and not yet closed, over every connection, and the most
         #: tapd will hold that way: a quarter of its open-file limit, so that
         #: clients parking fds cannot starve the taps and pidfds of the rest
-        self.held_fds = 0
-        self.fd_budget = max(
-            MAX_FDS_PER_REQUEST, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4
+        self.client_fds = FdBudget(
+            max(MAX_FDS_PER_REQUEST, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)
         )
-        #: the same per uid, against [server] max_fds_per_uid: one uid parking
-        #: fds on lines it never finishes cannot use up the global budget
-        self._held_per_uid: Counter[int] = Counter()
         self.idle = trio.Event()
         self.idle.set()
 
@@ -208,142 +199,86 @@ class Server:
             return
         raise RequestTimeout(f"the client did not take its reply within {timeout:g} s")
 
-    def _hold(self, uid: int, count: int) -> None:
-        self.held_fds += count
-        self._held_per_uid[uid] += count
-        if not self._held_per_uid[uid]:
-            del self._held_per_uid[uid]
-
     def _let_go(self, uid: int, fds: list[int], whose: str) -> None:
         """Hand ``fds`` a client sent to the closers, and stop counting them."""
         if fds:
             self.closers.give(fds, whose)
-            self._hold(uid, -len(fds))
-
-    def _too_many(self, uid: int, pending: int, truncated: bool) -> TooManyFds | None:
-        per_uid = self.config.server.max_fds_per_uid
-        if truncated or pending > MAX_FDS_PER_REQUEST:
-            return TooManyFds(
-                f"too many file descriptors: one message carries at most "
-                f"{MAX_FDS_PER_MSG} and one request at most "
-                f"{MAX_FDS_PER_REQUEST}; none were kept"
-            )
-        if self._held_per_uid[uid] > per_uid:
-            return TooManyFds(
-                f"uid {uid} has {self._held_per_uid[uid]} file descriptors waiting in "
-                f"tapd on requests not yet complete, more than one uid may "
-                f"(server.max_fds_per_uid = {per_uid}); none were kept"
-            )
-        if self.held_fds > self.fd_budget:
-            return TooManyFds(
-                "tapd holds as many file descriptors from clients as it takes; "
-                "none were kept; try again shortly"
-            )
-        return None
+            self.client_fds.release(uid, len(fds))
 
     async def _serve_connection(
         self, sock: socket.socket, conn: int, peer: Peer, log: logging.Logger, whose: str
     ) -> None:
-        lines = protocol.LineBuffer()
-        seq = itertools.count(1)
+        """Read, answer, refuse: the I/O around a :class:`~tapd.connection.Connection`."""
         server = self.config.server
-        timeout = server.request_timeout
-        # However busy, a connection ends at its lifetime: a hello every few
-        # seconds must not hold a slot for ever.
-        end_of_life = trio.current_time() + server.connection_lifetime
-        # fds that arrived with bytes of a line not yet complete: they belong
-        # to that line's request.
-        pending: list[int] = []
-        # The deadline covers a whole request, not each read, so a client that
-        # trickles one byte at a time cannot hold a connection forever.
-        deadline = min(trio.current_time() + timeout, end_of_life)
-        handled = 0
+        state = Connection(
+            peer.uid,
+            self.client_fds,
+            now=trio.current_time(),
+            request_timeout=server.request_timeout,
+            lifetime=server.connection_lifetime,
+        )
         try:
             while True:
                 received = None
-                with trio.move_on_at(deadline):
+                with trio.move_on_at(state.deadline):
                     received = await fdpass.recv(sock)
                 if received is None:
-                    await self._time_out(sock, log, end_of_life)
+                    await self._time_out(sock, log, state.timeout(trio.current_time()))
                     return
-                pending += received.fds
-                self._hold(peer.uid, len(received.fds))
-                if received.fds and not self.closers.healthy:
+                try:
+                    state.receive(
+                        received.data,
+                        received.fds,
+                        received.truncated,
+                        max_fds_per_uid=self.config.server.max_fds_per_uid,
+                        accept_fds=not received.fds or self.closers.healthy,
+                    )
+                except FdsRefused as exc:
                     # tapd could not let go of these fds now: refuse, loudly.
                     log.warning(
                         "request.refused",
                         outcome="refused",
-                        code=FdsRefused.code,
-                        fds=len(received.fds),
+                        code=exc.code,
                         stuck_closers=len(self.closers.stuck),
+                        **exc.context,
                     )
-                    await self._reply_quietly(
-                        sock,
-                        FdsRefused(
-                            "tapd takes no file descriptors right now: its closers are "
-                            "stuck on ones a client sent (the administrator has been "
-                            "told who); send the request without fds, or try again later"
-                        ),
-                    )
-                    return
-                refusal = self._too_many(peer.uid, len(pending), received.truncated)
-                if refusal is not None:
-                    log.warning(
-                        "request.refused",
-                        outcome="refused",
-                        code=refusal.code,
-                        fds=len(pending),
-                        uid_fds=self._held_per_uid[peer.uid],
-                        held_fds=self.held_fds,
-                    )
-                    await self._reply_quietly(sock, refusal)
+                    await self._reply_quietly(sock, exc)
                     return
                 if not received.data:
                     return  # the peer closed its end
-                lines.feed(received.data)
-                try:
-                    while (line := lines.next_line()) is not None:
-                        if handled:
+                while (request := state.next_request()) is not None:
+                    line, fds = request
+                    try:
+                        if state.handled > 1:
                             # Sends and receives that need not wait do not
                             # yield (tapd.fdpass): a client pipelining many
                             # lines must still let the other connections run.
                             await trio.lowlevel.checkpoint()
-                        handled += 1
-                        fds, pending = pending, []
                         self._enter()
                         try:
                             await self._one(
-                                sock, line, fds, peer, log.bind(request=f"{conn}.{next(seq)}")
+                                sock, line, fds, peer, log.bind(request=f"{conn}.{state.handled}")
                             )
                         finally:
-                            self._let_go(peer.uid, fds, whose)
                             self._leave()
-                        if trio.current_time() >= end_of_life:
-                            await self._time_out(sock, log, end_of_life)
-                            return
-                        deadline = min(trio.current_time() + timeout, end_of_life)
-                except LineTooLong as exc:
-                    log.warning("request.refused", outcome="refused", code=exc.code)
-                    await self._reply_quietly(sock, exc)
-                    return
+                    finally:
+                        self._let_go(peer.uid, fds, whose)
+                    ended = state.answered(trio.current_time())
+                    if ended is not None:
+                        await self._time_out(sock, log, ended)
+                        return
+        except ProtocolError as exc:
+            # More fds than may be kept (TooManyFds), a line too long.
+            log.warning("request.refused", outcome="refused", code=exc.code, **exc.context)
+            await self._reply_quietly(sock, exc)
         finally:
-            self._let_go(peer.uid, pending, whose)
+            self._let_go(peer.uid, state.close(), whose)
 
-    async def _time_out(self, sock: socket.socket, log: logging.Logger, end_of_life: float) -> None:
-        server = self.config.server
-        if trio.current_time() >= end_of_life:
-            lifetime = server.connection_lifetime
-            log.info("connection.timeout", lifetime=lifetime)
-            message = (
-                f"this connection has been open {lifetime:g} s, the most tapd allows "
-                "(server.connection_lifetime); closing it: connect again"
-            )
-        else:
-            log.info("connection.timeout", seconds=server.request_timeout)
-            message = (
-                f"no complete request within {server.request_timeout:g} s; closing the connection"
-            )
-        await self._reply_quietly(sock, RequestTimeout(message))
+    async def _time_out(
+        self, sock: socket.socket, log: logging.Logger, timeout: RequestTimeout
+    ) -> None:
+        log.info("connection.timeout", **timeout.context)
+        await self._reply_quietly(sock, timeout)
 
     async def _one(
         self,

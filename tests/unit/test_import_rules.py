@@ -194,7 +194,10 @@ def test_each_named_module_uses_what_it_is_named_for(rule: Rule) -> None:
 LAYERS: list[tuple[str, set[str]]] = [
     ("the package, errors and logging", {"__init__", "errors", "log"}),
     ("lines and fds, shared with the clients", {"wire", "scm", "exchange"}),
-    ("requests and rules, no I/O", {"protocol", "models", "options", "fence", "nft"}),
+    (
+        "requests, connections and rules, no I/O",
+        {"protocol", "connection", "models", "options", "fence", "nft"},
+    ),
     ("the kernel", {"tun", "netlink", "fdinfo", "fdpass", "worker"}),
     (
         "taps made, programs run, and who asks, in intentions",
