@@ -39,12 +39,12 @@ import trio
 
 from tapd import tun
 from tapd.config import Config
-from tapd.lifecycle import Lifecycle
-from tapd.service import Service
 from tapd.errors import BridgeNotFound, Denied, IfnameTaken, KernelError, NotATap
 from tapd.fence import ifb_name, ifb_tap
+from tapd.lifecycle import Lifecycle
 from tapd.netlink import Bridge, LinkEvent, TapLink, TunInfo, TunLink
 from tapd.owner import Peer
+from tapd.service import Service
 from tapd.taps import AdoptSpec, MadeTap, TapSpec, adoption_problem, random_mac
 
 T = TypeVar("T")
