@@ -311,11 +311,12 @@ async def test_bridge_helper_without_a_socket_belongs_to_the_callers_parent(
 
 async def test_bridge_helper_cannot_serve_a_mac_filtered_port(programs: Programs) -> None:
     async with stack(config(programs, mac_filtering=True)) as s:
-        who = peer()
-        with pytest.raises(Denied, match="mac_filtering"):
-            await ask(s, who, op="bridge-helper")
-        assert not s.maker.calls
-        os.close(who.pidfd)
+        with process() as helper:  # our child, so that we are its VMM
+            who = peer(helper.pid)
+            with pytest.raises(Denied, match="mac_filtering"):
+                await ask(s, who, op="bridge-helper")
+            assert not s.maker.calls
+            os.close(who.pidfd)
 
 
 async def test_a_requester_that_is_gone_gets_no_tap(programs: Programs) -> None:
