@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,10 +88,22 @@ class Grant:
 
 
 class Lifecycle:
-    def __init__(self, config: Config, worker: KernelWorker, netlink: Netlink) -> None:
+    def __init__(
+        self,
+        config: Config,
+        worker: KernelWorker,
+        netlink: Netlink,
+        *,
+        events: Callable[..., Awaitable[None]] = link_events,
+        unpersist: Callable[[str, int, int, str], tun.Unpersist] = tun.unpersist,
+    ) -> None:
         self.config = config
         self.worker = worker
         self.netlink = netlink
+        #: the kernel's link events, and its way of clearing an orphan's
+        #: persistence (tests of everything above the kernel pass fakes)
+        self._events = events
+        self._unpersist_tap = unpersist
         self.registry = Registry()
         self.log = logging.get()
         self._watches: dict[int, trio.CancelScope] = {}
@@ -114,7 +126,7 @@ class Lifecycle:
             self._nursery = nursery
             # Listening before reconciling: whatever happens after the dump
             # either arrives as an event or shows in the look that follows.
-            await nursery.start(link_events, self._link_event)
+            await nursery.start(self._events, self._link_event)
             await self.reconcile()
             task_status.started()
 
@@ -356,7 +368,7 @@ class Lifecycle:
             return tun.Unpersist.GONE
         if not link.info.persist:
             return None
-        return tun.unpersist(link.name, link.flags, index, self.config.taps.tun_device)
+        return self._unpersist_tap(link.name, link.flags, index, self.config.taps.tun_device)
 
     def _vanished(self, lease: Lease) -> None:
         """The tap is gone and its RTM_DELLINK not handled yet (or lost)."""
