@@ -260,11 +260,6 @@ ip_ranges = ["10.77.9.0/24"]
             second.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed: any tap holder may SIOCSIFHWADDR its tap to a fenced guest's "
-    "guest_mac; br_fdb_changeaddr() replaces the guest's static entry with a local one",
-)
 def test_a_tap_holder_cannot_take_a_fenced_guests_mac_through_its_tap_address(
     locked: Daemon,
 ) -> None:
@@ -273,13 +268,27 @@ def test_a_tap_holder_cannot_take_a_fenced_guests_mac_through_its_tap_address(
     try:
         assert victim.guest_mac is not None
         mac = bytes.fromhex(victim.guest_mac.replace(":", ""))
-        # what a VMM may do through its fd, with no capability (tun_chr_ioctl)
+        # what a VMM may do through its fd, with no capability (tun_chr_ioctl);
+        # the bridge takes the address as the port's own at once
+        # (br_fdb_changeaddr()), and tapd puts both back
         fcntl.ioctl(other.tap_fds[0], SIOCSIFHWADDR, struct.pack("16sH6s8x", b"", 1, mac))
+
+        def restored() -> bool:
+            entries = fdb(locked.ns, victim.guest_mac or "")
+            return [e.get("ifname") for e in entries] == [victim.ifname] and "static" in str(
+                entries[0].get("state")
+            )
+
+        wait_until(restored, what="the fenced guest's static entry to be back on its port")
         (entry,) = fdb(locked.ns, victim.guest_mac)
         assert entry["ifname"] == victim.ifname, (
             f"the fenced guest's address now belongs to {entry['ifname']}: its own "
             "frames are dropped at its locked port, and frames for it go to the host"
         )
+        address = links(locked.ns)[other.ifname]["address"]
+        assert address != victim.guest_mac and address.startswith("fe:"), address
+        events = [e for e in locked.log() if e.get("event") == "lease.address.reset"]
+        assert [(e["ifname"], e["seen"]) for e in events] == [(other.ifname, victim.guest_mac)]
     finally:
         other.close()
         victim.close()
