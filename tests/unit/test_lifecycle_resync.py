@@ -28,11 +28,13 @@ class FakeNetlink:
         self.addresses_now: dict[int, str] = {}
         self.statics: set[tuple[int, str]] = set()
         self.set_calls: list[tuple[str, int, str]] = []
+        self.address_looks = 0
 
     def tagged_taps(self) -> list[tuple[int, str, str]]:
         return []
 
     def addresses(self) -> dict[int, str]:
+        self.address_looks += 1
         return dict(self.addresses_now)
 
     def port_address(self, index: int) -> tuple[str, int | None] | None:
@@ -106,6 +108,9 @@ async def test_a_tap_address_changed_while_events_were_lost_is_put_back() -> Non
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(lifecycle.run)
+            with trio.fail_after(5):
+                while not netlink.address_looks:  # the look at start, with no lease yet
+                    await trio.sleep(0.01)
             netlink.links |= {1, 2}
             netlink.addresses_now.update({1: "fe:00:00:00:00:01", 2: "fe:00:00:00:00:02"})
             victim = _lease(1, guest_mac=victim_mac, fence=Fence(mac_filtering=True).tag())
