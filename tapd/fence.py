@@ -54,6 +54,13 @@ DEFAULT_PREFIX = "52:54:00"
 #: how often to draw again when a drawn address is in use
 _DRAWS = 64
 
+#: The first octet of every address tapd gives a tap (tapd.taps.random_mac),
+#: and of no guest's: a VMM may set its tap's address through its fd, and a
+#: bridge port's own address displaces any FDB entry for it, a fenced guest's
+#: static one too (net/bridge/br_fdb.c: fdb_add_local()).  tapd puts back any
+#: tap address outside this octet (tapd.lifecycle), so guest MACs stay out of it.
+TAP_OCTET = 0xFE
+
 
 def parse_mac(text: str, what: str = "guest_mac") -> str:
     """``text`` as a lower-case unicast Ethernet address, or :class:`InvalidValue`."""
@@ -65,6 +72,11 @@ def parse_mac(text: str, what: str = "guest_mac") -> str:
         raise InvalidValue(f"{what}: {text} is a multicast address; a NIC needs a unicast one")
     if mac == "00:00:00:00:00:00":
         raise InvalidValue(f"{what}: the all-zero address is no NIC's")
+    if first == TAP_OCTET:
+        raise InvalidValue(
+            f"{what}: {text} starts with {TAP_OCTET:02x}, which tapd keeps for the host side "
+            "of its taps; a guest needs another address"
+        )
     return mac
 
 
@@ -76,6 +88,11 @@ def check_prefix(prefix: str) -> str:
     first = int(value[:2], 16)
     if first & 1:
         raise ValueError(f"{prefix} starts a multicast address")
+    if first == TAP_OCTET:
+        raise ValueError(
+            f"{prefix} starts with {TAP_OCTET:02x}, which tapd keeps for the host side of its "
+            "taps; guests need another prefix"
+        )
     if not first & 2:
         raise ValueError(
             f"{prefix} is not locally administered (the first octet needs bit 0x02): "

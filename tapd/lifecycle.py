@@ -49,10 +49,11 @@ from . import log as logging
 from . import nft, owner, programs, tun
 from .config import Config
 from .errors import TapLeased
-from .fence import Fence
+from .fence import TAP_OCTET, Fence
 from .leases import Lease, Registry, parse_tag
 from .netlink import LinkEvent, Netlink, link_events
 from .owner import Owner
+from .taps import random_mac
 from .worker import KernelWorker
 
 
@@ -116,6 +117,9 @@ class Lifecycle:
         #: own queue closing would announce one), only by a resync
         self._stuck: set[int] = set()
         self._resync_lock = trio.Lock()
+        #: taps whose address is being put back, and those to look at again
+        self._readdressing: set[int] = set()
+        self._readdress_again: set[int] = set()
         self._resync_wanted = False
         self._nursery: trio.Nursery | None = None
         #: what reconcile() found, for the metrics: restored, orphaned
@@ -128,6 +132,7 @@ class Lifecycle:
             # either arrives as an event or shows in the look that follows.
             await nursery.start(self._events, self._link_event)
             await self.reconcile()
+            nursery.start_soon(self._check_addresses)
             task_status.started()
 
     # -- events ----------------------------------------------------------------
@@ -137,6 +142,12 @@ class Lifecycle:
             self.log.warning("link.events.overrun")
             self._resync_wanted = True
             self._spawn(self._resync_while_wanted)
+            self._spawn(self._check_addresses)
+            return
+        if kind is LinkEvent.ADDRESS:
+            lease = self.registry.get(index)
+            if lease is not None:
+                self._spawn(self._readdress, lease)
             return
         if kind is LinkEvent.REMOVED:
             lease = self.registry.pop(index)
@@ -218,6 +229,108 @@ class Lifecycle:
     def _spawn(self, fn: Any, *args: Any) -> None:
         assert self._nursery is not None, "Lifecycle.run() is not running"
         self._nursery.start_soon(fn, *args)
+
+    # -- tap addresses ---------------------------------------------------------
+
+    async def _readdress(self, lease: Lease) -> None:
+        """Put back a leased tap's address after its holder changed it.
+
+        A VMM may set its tap's address through its fd (SIOCSIFHWADDR needs
+        no privilege there, drivers/net/tun.c), and the bridge takes a port's
+        address as its own, displacing any entry it had for it: a fenced
+        guest's static and sticky one too (net/bridge/br_fdb.c:
+        br_fdb_changeaddr(), fdb_add_local()).  Frames for that address then
+        stay on the host, and the fenced guest's own are dropped at its
+        locked port.  No port flag or tun flag forbids the change, so tapd
+        undoes it: a fresh address of its own (which removes the bridge's
+        local entry), then the static entries of the bridge's fenced leases
+        that are missing.  One at a time per tap; events meanwhile run it
+        again (a holder may change its address in a loop)."""
+        index = lease.ifindex
+        if index in self._readdressing:
+            self._readdress_again.add(index)
+            return
+        self._readdressing.add(index)
+        try:
+            while self.registry.get(index) is lease:
+                self._readdress_again.discard(index)
+                try:
+                    await self._readdress_once(lease)
+                except Exception:
+                    self.log.exception(
+                        "lease.address.reset.failed", lease=lease.id, ifname=lease.ifname
+                    )
+                if index not in self._readdress_again:
+                    return
+        finally:
+            self._readdressing.discard(index)
+            self._readdress_again.discard(index)
+
+    async def _readdress_once(self, lease: Lease) -> None:
+        found = await self.worker.run(self.netlink.port_address, lease.ifindex)
+        if found is None:
+            return  # gone: its RTM_DELLINK ends the lease
+        seen, master = found
+        if not _tap_address(seen):
+            mac = random_mac()
+            if not await self.worker.run(self.netlink.set_address, lease.ifindex, mac):
+                return
+            self.log.warning(
+                "lease.address.reset",
+                lease=lease.id,
+                ifname=lease.ifname,
+                uid=lease.uid,
+                seen=seen,
+                address=mac,
+            )
+        # Even when the address is tapd's again (its holder may have moved on
+        # before tapd looked), what it displaced on the way is still missing.
+        if master is not None:
+            await self._restore_static_entries(lease.bridge, master)
+
+    async def _restore_static_entries(self, bridge: str, index: int) -> None:
+        """Add back the static FDB entry of every lease filtering MACs on
+        ``bridge`` (interface ``index``) that lacks it: one dump, then one
+        add for each missing."""
+        fenced = [
+            lease
+            for lease in self.registry.visible_to(0)
+            if lease.bridge == bridge
+            and lease.guest_mac
+            and Fence.from_tag(lease.fence).mac_filtering
+        ]
+        if not fenced:
+            return
+        present = await self.worker.run(self.netlink.static_entries, index)
+        for lease in fenced:
+            if (lease.ifindex, lease.guest_mac) in present:
+                continue
+            if self.registry.get(lease.ifindex) is not lease:
+                continue
+            try:
+                await self.worker.run(self.netlink.set_port, lease.ifindex, {}, lease.guest_mac)
+            except Exception:
+                self.log.exception("lease.fdb.restore.failed", lease=lease.id, ifname=lease.ifname)
+            else:
+                self.log.warning(
+                    "lease.fdb.restored",
+                    lease=lease.id,
+                    ifname=lease.ifname,
+                    guest_mac=lease.guest_mac,
+                )
+
+    async def _check_addresses(self) -> None:
+        """Look at every leased tap's address (at start, and after lost
+        events): any that is not tapd's is put back as :meth:`_readdress` does."""
+        try:
+            addresses = await self.worker.run(self.netlink.addresses)
+        except Exception:
+            self.log.exception("lease.address.check.failed")
+            return
+        for lease in self.registry.visible_to(0):
+            address = addresses.get(lease.ifindex)
+            if address is not None and not _tap_address(address):
+                self._spawn(self._readdress, lease)
 
     # -- grants ----------------------------------------------------------------
 
@@ -498,3 +611,8 @@ class Lifecycle:
             "lease.reconciled", restored=restored, orphaned=orphaned, leases=len(self.registry)
         )
         self.reconciled.update(restored=restored, orphaned=orphaned)
+
+
+def _tap_address(mac: str) -> bool:
+    """Whether ``mac`` is an address tapd gives a tap (tapd.taps.random_mac)."""
+    return mac.startswith(f"{TAP_OCTET:02x}:")

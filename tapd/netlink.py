@@ -34,7 +34,7 @@ from pyroute2.netlink.rtnl import RTMGRP_LINK
 
 from . import log, tun
 from .errors import BridgeNotFound, GuestMacInUse, KernelError, NotABridge, kernel_error
-from .fence import ifb_name, ifb_tap
+from .fence import TAP_OCTET, ifb_name, ifb_tap
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,9 @@ AF_UNSPEC = 0
 IFLA_ADDRESS = 1
 IFLA_MTU = 4
 IFLA_MASTER = 10
+IFLA_LINKINFO = 18
 IFLA_IFALIAS = 20
+IFLA_INFO_KIND = 1  # inside IFLA_LINKINFO
 
 # <linux/neighbour.h>: a bridge FDB entry that points at a port (not the port
 # device's own table), and "static" as bridge(8) spells NUD_NOARP
@@ -627,6 +629,47 @@ class Netlink:
         """Indexes of every interface now (to resynchronise after lost events)."""
         return {int(msg["index"]) for msg in self._ip.link("dump")}
 
+    def addresses(self) -> dict[int, str]:
+        """Every interface's address now, by index (to look again after lost
+        events, or at start)."""
+        return {
+            int(msg["index"]): str(msg.get("IFLA_ADDRESS"))
+            for msg in self._ip.link("dump")
+            if msg.get("IFLA_ADDRESS")
+        }
+
+    def port_address(self, index: int) -> tuple[str, int | None] | None:
+        """Interface ``index``'s address and master now; None when it is gone."""
+        msg = self._link(index)
+        if msg is None:
+            return None
+        master = msg.get("IFLA_MASTER")
+        return str(msg.get("IFLA_ADDRESS")), None if master is None else int(master)
+
+    def set_address(self, index: int, mac: str) -> bool:
+        """Give interface ``index`` the address ``mac``; False if it is gone."""
+        body = _IFINFOMSG.pack(0, 0, index, 0, 0) + _nla(
+            IFLA_ADDRESS, bytes.fromhex(mac.replace(":", ""))
+        )
+        err = self._request(RTM_NEWLINK, body)
+        if err == errno.ENODEV:
+            return False
+        if err:
+            raise kernel_error(OSError(err, os.strerror(err)), f"readdressing interface {index}")
+        return True
+
+    def static_entries(self, bridge: int) -> set[tuple[int, str]]:
+        """(port index, MAC) of every static FDB entry on bridge ``bridge``
+        that points at a port: one dump, whatever the number of leases."""
+        try:
+            return {
+                (int(entry["ifindex"]), str(entry.get("NDA_LLADDR")))
+                for entry in self._ip.fdb("dump", master=bridge)
+                if entry["state"] & NUD_NOARP and entry["ifindex"] != bridge
+            }
+        except NetlinkError as exc:
+            raise kernel_error(_oserror(exc), f"listing the FDB of bridge {bridge}") from None
+
     def close(self) -> None:
         if self._ipr is not None:
             self._ipr.close()
@@ -640,11 +683,19 @@ class Netlink:
 
 # <linux/filter.h>: classic BPF, to drop events tapd does not need in the kernel
 _BPF_INSN = struct.Struct("=HBBI")
-_BPF_LD_H_ABS, _BPF_JEQ_K, _BPF_RET_K = 0x28, 0x15, 0x06
+_BPF_LD_W_ABS, _BPF_LD_H_ABS, _BPF_LD_B_ABS = 0x20, 0x28, 0x30
+_BPF_LD_W_IND, _BPF_LD_B_IND = 0x40, 0x50
+_BPF_LD_IMM, _BPF_LDX_IMM, _BPF_TAX = 0x00, 0x01, 0x07
+_BPF_JEQ_K, _BPF_JSET_K, _BPF_RET_K = 0x15, 0x45, 0x06
 SO_ATTACH_FILTER = 26
-
-
-_BPF_LD_B_ABS, _BPF_JSET_K = 0x30, 0x45
+#: ancillary loads (SKF_AD_OFF + SKF_AD_NLATTR / _NEST): A = the offset of
+#: attribute X in the attributes from offset A (or in the nest at A), 0 if
+#: none (net/core/filter.c: bpf_skb_get_nlattr(), bpf_skb_get_nlattr_nest())
+_SKF_NLATTR, _SKF_NLATTR_NEST = 0xFFFFF000 + 12, 0xFFFFF000 + 16
+#: where an RTM_NEWLINK's attributes start: nlmsghdr, then ifinfomsg
+_IFLA_AT = _NLMSGHDR.size + _IFINFOMSG.size
+#: IFLA_INFO_KIND of a tun device, "tun\0", as a BPF word load sees it
+_TUN_KIND = int.from_bytes(b"tun\0", "big")
 
 
 def _flag_byte(bit: int) -> tuple[int, int]:
@@ -655,15 +706,44 @@ def _flag_byte(bit: int) -> tuple[int, int]:
     return _NLMSGHDR.size + 8 + byte, 1 << (position % 8)
 
 
+_Insn = tuple[int, int | str, int | str, int]
+
+
+def _assemble(program: list[_Insn | str]) -> bytes:
+    """Classic BPF from instructions and labels (strings): a jump names the
+    label it goes to, or 0 for the next instruction."""
+    labels: dict[str, int] = {}
+    insns: list[_Insn] = []
+    for item in program:
+        if isinstance(item, str):
+            labels[item] = len(insns)
+        else:
+            insns.append(item)
+
+    def offset(target: int | str, at: int) -> int:
+        return target if isinstance(target, int) else labels[target] - at - 1
+
+    return b"".join(
+        _BPF_INSN.pack(code, offset(jt, at), offset(jf, at), k)
+        for at, (code, jt, jf, k) in enumerate(insns)
+    )
+
+
 def _only_link_ends(sock: socket.socket) -> None:
-    """Let only RTM_DELLINK, and RTM_NEWLINK of an up link without carrier,
-    reach ``sock``.
+    """Let only RTM_DELLINK, RTM_NEWLINK of an up link without carrier, and
+    RTM_NEWLINK of a tun device that is some device's port with an address
+    tapd never gives a tap, reach ``sock``.
 
     Making one tap raises several RTM_NEWLINK events (all while it is down,
-    or up with its carrier on); filtered out in the kernel, they never wake
-    tapd.  A persistent tap whose last queue closes loses its carrier
-    (__tun_detach() calls netif_carrier_off()), and linkwatch announces that
-    as an RTM_NEWLINK while the link is up: that one passes.
+    or up with its carrier on, and with tapd's address from its first port
+    message on); filtered out in the kernel, they never wake tapd.  A
+    persistent tap whose last queue closes loses its carrier (__tun_detach()
+    calls netif_carrier_off()), and linkwatch announces that as an
+    RTM_NEWLINK while the link is up: that one passes.  So does the
+    RTM_NEWLINK that a tap's new address raises (NETDEV_CHANGEADDR, through
+    rtnetlink_event()) when its holder set one through its fd (SIOCSIFHWADDR
+    needs no privilege there) while it is a bridge port: the bridge took that
+    address as the port's own, displacing whatever FDB entry it had.
 
     Only the link's own messages (AF_UNSPEC): a bridge announces its ports
     in AF_BRIDGE messages, and a port leaving the bridge (or the bridge
@@ -675,23 +755,43 @@ def _only_link_ends(sock: socket.socket) -> None:
     newlink = int.from_bytes(struct.pack("=H", RTM_NEWLINK), "big")
     up_at, up_mask = _flag_byte(IFF_UP)
     lower_at, lower_mask = _flag_byte(IFF_LOWER_UP)
-    keep, drop = 9, 10
-    program = b"".join(
-        _BPF_INSN.pack(*insn)
-        for insn in (
-            (_BPF_LD_B_ABS, 0, 0, _NLMSGHDR.size),  # 0: A = ifinfomsg.ifi_family
-            (_BPF_JEQ_K, 0, drop - 2, AF_UNSPEC),  # 1
-            (_BPF_LD_H_ABS, 0, 0, 4),  # 2: A = nlmsghdr.nlmsg_type
-            (_BPF_JEQ_K, keep - 4, 0, dellink),  # 3
-            (_BPF_JEQ_K, 0, drop - 5, newlink),  # 4
-            (_BPF_LD_B_ABS, 0, 0, up_at),  # 5
-            (_BPF_JSET_K, 0, drop - 7, up_mask),  # 6: up
-            (_BPF_LD_B_ABS, 0, 0, lower_at),  # 7
-            (_BPF_JSET_K, drop - 9, keep - 9, lower_mask),  # 8: no carrier
-            (_BPF_RET_K, 0, 0, 0xFFFF_FFFF),  # keep: the whole message
-            (_BPF_RET_K, 0, 0, 0),  # drop
-        )
-    )
+    program = _assemble([
+        (_BPF_LD_B_ABS, 0, 0, _NLMSGHDR.size),  # A = ifinfomsg.ifi_family
+        (_BPF_JEQ_K, 0, "drop", AF_UNSPEC),
+        (_BPF_LD_H_ABS, 0, 0, 4),  # A = nlmsghdr.nlmsg_type
+        (_BPF_JEQ_K, "keep", 0, dellink),
+        (_BPF_JEQ_K, 0, "drop", newlink),
+        (_BPF_LD_B_ABS, 0, 0, up_at),
+        (_BPF_JSET_K, 0, "address", up_mask),  # down
+        (_BPF_LD_B_ABS, 0, 0, lower_at),
+        (_BPF_JSET_K, "address", "keep", lower_mask),  # up without carrier: kept
+        "address",  # a port, whose address is not a tap's of tapd's...
+        (_BPF_LD_IMM, 0, 0, _IFLA_AT),
+        (_BPF_LDX_IMM, 0, 0, IFLA_MASTER),
+        (_BPF_LD_W_ABS, 0, 0, _SKF_NLATTR),
+        (_BPF_JEQ_K, "drop", 0, 0),
+        (_BPF_LD_IMM, 0, 0, _IFLA_AT),
+        (_BPF_LDX_IMM, 0, 0, IFLA_ADDRESS),
+        (_BPF_LD_W_ABS, 0, 0, _SKF_NLATTR),
+        (_BPF_JEQ_K, "drop", 0, 0),
+        (_BPF_TAX, 0, 0, 0),
+        (_BPF_LD_B_IND, 0, 0, _NLATTR.size),  # the address's first octet
+        (_BPF_JEQ_K, "drop", 0, TAP_OCTET),
+        (_BPF_LD_IMM, 0, 0, _IFLA_AT),  # ...and a tun device
+        (_BPF_LDX_IMM, 0, 0, IFLA_LINKINFO),
+        (_BPF_LD_W_ABS, 0, 0, _SKF_NLATTR),
+        (_BPF_JEQ_K, "drop", 0, 0),
+        (_BPF_LDX_IMM, 0, 0, IFLA_INFO_KIND),
+        (_BPF_LD_W_ABS, 0, 0, _SKF_NLATTR_NEST),
+        (_BPF_JEQ_K, "drop", 0, 0),
+        (_BPF_TAX, 0, 0, 0),
+        (_BPF_LD_W_IND, 0, 0, _NLATTR.size),
+        (_BPF_JEQ_K, "keep", "drop", _TUN_KIND),
+        "keep",
+        (_BPF_RET_K, 0, 0, 0xFFFF_FFFF),  # the whole message
+        "drop",
+        (_BPF_RET_K, 0, 0, 0),
+    ])  # fmt: skip
     buf = ctypes.create_string_buffer(program)
     fprog = struct.pack("HxxxxxxP", len(program) // _BPF_INSN.size, ctypes.addressof(buf))
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
@@ -705,6 +805,9 @@ class LinkEvent(enum.Enum):
     IDLE = "idle"
     #: the kernel dropped events (ENOBUFS): the listener must look again
     OVERRUN = "overrun"
+    #: a tun device that is a port (of a bridge) has an address tapd never
+    #: gives a tap: its holder set one, which the bridge took as the port's own
+    ADDRESS = "address"
 
 
 #: an up link without carrier: what the filter passes besides RTM_DELLINK
@@ -757,9 +860,31 @@ def _report(data: bytes, on_event: LinkCallback) -> None:
             pass  # a bridge's message about its port (the filter drops these)
         elif kind == RTM_DELLINK:
             on_event(LinkEvent.REMOVED, index)
-        elif kind == RTM_NEWLINK and flags & _IDLE_MASK == IFF_UP:
-            on_event(LinkEvent.IDLE, index)
+        elif kind == RTM_NEWLINK:
+            if flags & _IDLE_MASK == IFF_UP:
+                on_event(LinkEvent.IDLE, index)
+            if _foreign_port_address(data[offset + _IFLA_AT : offset + length]):
+                on_event(LinkEvent.ADDRESS, index)
         offset += (max(length, _NLMSGHDR.size) + 3) & ~3
+
+
+def _foreign_port_address(attrs: bytes) -> bool:
+    """Whether an RTM_NEWLINK's attributes name a master and an address that
+    is not a tap's of tapd's (the filter has checked that it is a tun device)."""
+    master = address = None
+    offset = 0
+    while offset + _NLATTR.size <= len(attrs):
+        length, kind = _NLATTR.unpack_from(attrs, offset)
+        if length < _NLATTR.size:
+            break
+        if kind == IFLA_MASTER:
+            master = attrs[offset + _NLATTR.size : offset + length]
+        elif kind == IFLA_ADDRESS:
+            address = attrs[offset + _NLATTR.size : offset + length]
+        offset += (length + 3) & ~3
+    if not master or not address:
+        return False
+    return address[0] != TAP_OCTET
 
 
 def _drain(raw: socket.socket, on_event: LinkCallback) -> None:

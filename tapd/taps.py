@@ -27,6 +27,7 @@ from .errors import (
     Unsupported,
     VhostUnavailable,
 )
+from .fence import TAP_OCTET
 from .netlink import Bridge, Netlink, TapLink, TunInfo
 
 
@@ -103,9 +104,10 @@ def random_mac() -> str:
     one set; 0xFE keeps the address tapd gives a tap from becoming that, and
     has the local bit set and the multicast bit clear.  A VM can change it
     through its fd, so that is not what protects the bridge: tapd pins the
-    bridge's own address (:meth:`tapd.netlink.Netlink.bridge`).
+    bridge's own address (:meth:`tapd.netlink.Netlink.bridge`), and puts back
+    any other address a tap takes (:meth:`tapd.lifecycle.Lifecycle._readdress`).
     """
-    return "fe:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
+    return ":".join(f"{b:02x}" for b in bytes([TAP_OCTET]) + secrets.token_bytes(5))
 
 
 def _made(name: str, fds: list[int], vnet_hdr: bool, bridge: Bridge) -> MadeTap:

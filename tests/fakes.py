@@ -39,7 +39,7 @@ import trio
 
 from tapd import tun
 from tapd.config import Config
-from tapd.errors import BridgeNotFound, Denied, IfnameTaken, KernelError, NotATap
+from tapd.errors import BridgeNotFound, Denied, IfnameTaken, KernelError, NotATap, TapLeased
 from tapd.fence import ifb_name, ifb_tap
 from tapd.lifecycle import Lifecycle
 from tapd.netlink import Bridge, LinkEvent, TapLink, TunInfo, TunLink
@@ -68,6 +68,8 @@ class Link:
     owner: int | None = None
     group: int | None = None
     mtu: int = 1500
+    #: the device's own MAC (a tap's is tapd's fe: address unless a VMM changes it)
+    address: str = field(default_factory=random_mac)
     #: the kernel's end of each queue fd handed out (a pipe's read end)
     ends: list[int] = field(default_factory=list)
     #: bridge port flags and the static FDB entry (set_port), None: none set
@@ -254,6 +256,10 @@ class FakeNetlink:
     def present(self) -> set[int]:
         self._call("present")
         return set(self.kernel.links)
+
+    def addresses(self) -> dict[int, str]:
+        self._call("addresses")
+        return {i: link.address for i, link in self.kernel.links.items() if link.kind == "tun"}
 
     def _tun_info(self, link: Link | None) -> TunInfo | None:
         if link is None or link.kind != "tun":
@@ -459,7 +465,7 @@ class FakeMaker:
         (link,) = links
         assert link is not None
         if link.index in spec.leased:
-            raise Denied(f"tap {link.name!r} already has a lease; it cannot be adopted again")
+            raise TapLeased(f"tap {link.name!r} already has a lease; it cannot be adopted again")
         if spec.require_owner is not None:
             netlink = FakeNetlink(self.kernel)
             problem = adoption_problem(link.name, netlink.tap_link(link.index), spec.require_owner)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -258,11 +259,6 @@ ip_ranges = ["10.77.9.0/24"]
             second.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed: any tap holder may SIOCSIFHWADDR its tap to a fenced guest's "
-    "guest_mac; br_fdb_changeaddr() replaces the guest's static entry with a local one",
-)
 def test_a_tap_holder_cannot_take_a_fenced_guests_mac_through_its_tap_address(
     locked: Daemon,
 ) -> None:
@@ -270,20 +266,90 @@ def test_a_tap_holder_cannot_take_a_fenced_guests_mac_through_its_tap_address(
     other = locked.request(br="br0")
     try:
         assert victim.guest_mac is not None
-        mac = bytes.fromhex(victim.guest_mac.replace(":", ""))
-        # what a VMM may do through its fd, with no capability (tun_chr_ioctl)
-        fcntl.ioctl(other.tap_fds[0], SIOCSIFHWADDR, struct.pack("16sH6s8x", b"", 1, mac))
+        # the bridge takes the address as the port's own at once
+        # (br_fdb_changeaddr()), and tapd puts both back
+        set_tap_address(other.tap_fds[0], victim.guest_mac)
+
+        def restored() -> bool:
+            entries = fdb(locked.ns, victim.guest_mac or "")
+            return [e.get("ifname") for e in entries] == [victim.ifname] and "static" in str(
+                entries[0].get("state")
+            )
+
+        wait_until(restored, what="the fenced guest's static entry to be back on its port")
         (entry,) = fdb(locked.ns, victim.guest_mac)
         assert entry["ifname"] == victim.ifname, (
             f"the fenced guest's address now belongs to {entry['ifname']}: its own "
             "frames are dropped at its locked port, and frames for it go to the host"
         )
+        address = links(locked.ns)[other.ifname]["address"]
+        assert address != victim.guest_mac and address.startswith("fe:"), address
+        events = [e for e in locked.log() if e.get("event") == "lease.address.reset"]
+        assert [(e["ifname"], e["seen"]) for e in events] == [(other.ifname, victim.guest_mac)]
     finally:
         other.close()
         victim.close()
 
 
 SIOCSIFHWADDR = 0x8924  # <linux/sockios.h>
+
+
+def set_tap_address(fd: int, mac: str) -> None:
+    """What a VMM may do through its tap fd, with no capability (tun_chr_ioctl)."""
+    raw = bytes.fromhex(mac.replace(":", ""))
+    fcntl.ioctl(fd, SIOCSIFHWADDR, struct.pack("16sH6s8x", b"", 1, raw))
+
+
+def test_a_tap_holder_cannot_keep_the_routers_mac_as_its_tap_address(locked: Daemon) -> None:
+    ns = locked.ns
+    ip("-n", ns, "link", "add", "up0", "type", "veth", "peer", "name", "up1")
+    ip("-n", ns, "link", "set", "up0", "master", "br0", "up")
+    ip("-n", ns, "link", "set", "up1", "up")
+    gateway = "52:54:00:00:00:01"  # the uplink's router, as the bridge learnt it
+    subprocess.run(
+        ["bridge", "-n", ns, "fdb", "add", gateway, "dev", "up0", "master", "dynamic"],
+        check=True,
+    )
+    other = locked.request(br="br0")
+    try:
+        set_tap_address(other.tap_fds[0], gateway)
+        wait_until(
+            lambda: links(ns)[other.ifname]["address"].startswith("fe:"),
+            what="tapd to give the tap an address of its own again",
+        )
+        # the bridge learns the router again from its next frame; until then
+        # it floods, but nothing for the router stays on the host
+        assert not [e for e in fdb(ns, gateway) if e.get("ifname") in (other.ifname, "br0")]
+    finally:
+        other.close()
+
+
+def test_a_tap_address_taken_while_tapd_was_away_is_put_back_at_start(
+    ns: str, br0: str, tmp_path: Path
+) -> None:
+    ip("-n", ns, "link", "set", "br0", "address", BRIDGE_MAC)
+    with run_daemon(ns, tmp_path, LOCKED) as first:
+        victim = first.request(br="br0")
+        other = first.request(br="br0")
+        first.stop(signal.SIGKILL)
+    try:
+        assert victim.guest_mac is not None
+        set_tap_address(other.tap_fds[0], victim.guest_mac)
+        assert [e.get("ifname") for e in fdb(ns, victim.guest_mac)] == [other.ifname]
+        again = tmp_path / "again"
+        again.mkdir()
+        with run_daemon(ns, again, LOCKED) as second:
+            wait_until(
+                lambda: (
+                    [e.get("ifname") for e in fdb(ns, victim.guest_mac or "")] == [victim.ifname]
+                ),
+                what="the fenced guest's static entry to be back on its port",
+            )
+            assert links(ns)[other.ifname]["address"].startswith("fe:")
+            assert len(second.leases()) == 2
+    finally:
+        other.close()
+        victim.close()
 
 
 SHAPED_FILTERED = """

@@ -36,6 +36,8 @@ def test_macs_are_read_in_lower_case(text: str, mac: str) -> None:
         ("01:00:5e:00:00:01", "multicast"),
         ("ff:ff:ff:ff:ff:ff", "multicast"),
         ("00:00:00:00:00:00", "all-zero"),
+        # the host side of tapd's taps: a tap at a guest's address is put back
+        ("FE:54:00:12:34:56", "keeps for the host side of its taps"),
     ],
 )
 def test_a_guest_mac_must_be_a_unicast_address(text: str, why: str) -> None:
@@ -56,6 +58,7 @@ def test_prefixes_that_are_locally_administered_unicast(prefix: str) -> None:
         ("52:54:00:00:00:00", "one to five octets"),
         ("52:54:0", "one to five octets"),
         ("", "one to five octets"),
+        ("fe:54", "keeps for the host side of its taps"),
     ],
 )
 def test_prefixes_that_could_collide_with_real_hardware_are_refused(prefix: str, why: str) -> None:

@@ -20,7 +20,7 @@ from fakes import FakeKernel, Programs, Stack, peer, process, stack
 
 from tapd import owner
 from tapd.config import Config
-from tapd.errors import KernelError, TapdError
+from tapd.errors import KernelError, TapLeased
 from tapd.fence import ifb_name
 from tapd.leases import LeaseTerms
 from tapd.lifecycle import Grant
@@ -263,7 +263,7 @@ async def test_a_tap_has_one_lease(programs: Programs) -> None:
         assert g.lease is not None
         delivered(g)
         pidfd = os.pidfd_open(os.getpid())
-        with pytest.raises(TapdError):
+        with pytest.raises(TapLeased):
             s.lifecycle.begin(g.lease, pidfd)
         with pytest.raises(OSError):
             os.fstat(pidfd)  # taken, and closed on refusal

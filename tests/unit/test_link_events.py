@@ -12,9 +12,20 @@ from tapd.netlink import LinkEvent
 AF_BRIDGE = 7
 
 
-def _message(kind: int, family: int, index: int, flags: int) -> bytes:
-    body = struct.pack("=BxHiII", family, 0, index, flags, 0)
+def _attr(kind: int, payload: bytes) -> bytes:
+    size = 4 + len(payload)
+    return struct.pack("=HH", size, kind) + payload + b"\0" * (-size % 4)
+
+
+def _message(kind: int, family: int, index: int, flags: int, attrs: bytes = b"") -> bytes:
+    body = struct.pack("=BxHiII", family, 0, index, flags, 0) + attrs
     return struct.pack("=IHHII", 16 + len(body), kind, 0, 0, 0) + body
+
+
+def _port(address: str, master: bool = True) -> bytes:
+    """A link's name, address and master, as rtnl_fill_ifinfo() puts them."""
+    attrs = _attr(3, b"tap0\0") + _attr(netlink.IFLA_ADDRESS, bytes.fromhex(address))
+    return attrs + (_attr(netlink.IFLA_MASTER, struct.pack("=I", 2)) if master else b"")
 
 
 def _events(*messages: bytes) -> list[tuple[LinkEvent, int]]:
@@ -41,6 +52,21 @@ UP, LOWER_UP = netlink.IFF_UP, netlink.IFF_LOWER_UP
 )
 def test_what_is_reported(kind: int, family: int, flags: int, expected: list[object]) -> None:
     assert _events(_message(kind, family, 7, flags)) == expected
+
+
+@pytest.mark.parametrize(
+    ("flags", "attrs", "expected"),
+    [
+        # a port's holder set its address to a guest's: the bridge took it
+        (UP | LOWER_UP, _port("525400aabbcc"), [(LinkEvent.ADDRESS, 7)]),
+        (0, _port("525400aabbcc"), [(LinkEvent.ADDRESS, 7)]),  # down: still a port
+        (UP, _port("525400aabbcc"), [(LinkEvent.IDLE, 7), (LinkEvent.ADDRESS, 7)]),
+        (UP | LOWER_UP, _port("fe5400aabbcc"), []),  # an address tapd gives taps
+        (UP | LOWER_UP, _port("525400aabbcc", master=False), []),  # nobody's port
+    ],
+)
+def test_a_ports_new_address(flags: int, attrs: bytes, expected: list[object]) -> None:
+    assert _events(_message(netlink.RTM_NEWLINK, 0, 7, flags, attrs)) == expected
 
 
 def test_several_messages_in_one_read() -> None:

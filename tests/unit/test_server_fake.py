@@ -294,4 +294,4 @@ async def test_a_uid_parking_fds_is_refused(programs: Programs, tmp_path: Path) 
             while r.s.service.connections:
                 await trio.sleep(0.005)
         # tapd's copies went to the closers, and it counts none as held.
-        assert r.closers.closed == 4 and r.server.held_fds == 0
+        assert r.closers.closed == 4 and r.server.client_fds.held == 0
