@@ -214,3 +214,17 @@ def make_tap_in(ns: str, name: str, queues: int = 1, vnet_hdr: bool = True) -> l
         got = fdpass.recv_sync(ours)
         assert got.data == b"ok\n", got.data
         return got.fds
+
+
+#: systemd/ in the repository: the units the README installs
+UNITS = Path(__file__).resolve().parents[1] / "systemd"
+
+
+def unit_directives(unit: str) -> dict[str, list[str]]:
+    """Every ``Key=value`` of a unit file in systemd/, values by key in order."""
+    out: dict[str, list[str]] = {}
+    for line in (UNITS / unit).read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out.setdefault(key, []).append(value)
+    return out

@@ -13,20 +13,10 @@ import sys
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
-from tapdtest import Daemon
+from tapdtest import UNITS, Daemon, unit_directives
 
-UNITS = Path(__file__).resolve().parents[2] / "systemd"
 TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
 TAPCTL = Path(sys.executable).parent / "tapctl"
-
-
-def directives(unit: str) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for line in (UNITS / unit).read_text().splitlines():
-        if "=" in line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            out.setdefault(key, []).append(value)
-    return out
 
 
 def here(unit: str, tmp_path: Path) -> Path:
@@ -48,7 +38,7 @@ def test_the_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
 
 
 def test_the_writer_is_confined(tmp_path: Path) -> None:
-    service = directives("tapd-metrics.service")
+    service = unit_directives("tapd-metrics.service")
     assert service["CapabilityBoundingSet"] == [""]
     assert service["RestrictAddressFamilies"] == ["AF_UNIX"]
     assert service["ProtectSystem"] == ["strict"]
@@ -70,7 +60,7 @@ def test_the_writer_is_confined(tmp_path: Path) -> None:
 
 
 def test_the_timer_runs_the_writer_again_and_again() -> None:
-    timer = directives("tapd-metrics.timer")
+    timer = unit_directives("tapd-metrics.timer")
     assert timer["OnUnitActiveSec"] == ["30s"]
     assert timer["WantedBy"] == ["timers.target"]
 
@@ -78,7 +68,7 @@ def test_the_timer_runs_the_writer_again_and_again() -> None:
 def test_the_services_command_writes_a_textfile_node_exporter_can_read(
     daemon: Daemon, tmp_path: Path
 ) -> None:
-    (exec_start,) = directives("tapd-metrics.service")["ExecStart"]
+    (exec_start,) = unit_directives("tapd-metrics.service")["ExecStart"]
     argv = shlex.split(exec_start)
     assert argv[0] == "/usr/local/bin/tapctl"
     # As the unit runs it, against the test's tapd and into a directory of the test's.
