@@ -88,6 +88,34 @@ class Grant:
         self.sent()
 
 
+class _OnePerTap:
+    """Work on a tap that runs once at a time per tap: asked for again while
+    it runs (an event came meanwhile, which the run may not have seen), it
+    runs once more when done."""
+
+    def __init__(self) -> None:
+        self._running: set[int] = set()
+        self._again: set[int] = set()
+
+    async def run(
+        self, index: int, wanted: Callable[[], bool], once: Callable[[], Awaitable[bool]]
+    ) -> None:
+        """``once()`` while ``wanted()``, for as long as asked again meanwhile;
+        ``once`` returns False to give up."""
+        if index in self._running:
+            self._again.add(index)
+            return
+        self._running.add(index)
+        try:
+            while wanted():
+                self._again.discard(index)
+                if not await once() or index not in self._again:
+                    return
+        finally:
+            self._running.discard(index)
+            self._again.discard(index)
+
+
 class Lifecycle:
     def __init__(
         self,
@@ -110,16 +138,14 @@ class Lifecycle:
         self._watches: dict[int, trio.CancelScope] = {}
         #: leases (by ifindex) whose owner is gone: their taps live while held
         self._orphans: set[int] = set()
-        #: orphans being settled now, and those whose settling must run again
-        self._settling: set[int] = set()
-        self._settle_again: set[int] = set()
+        #: orphans being settled now (and whether to settle them again)
+        self._settling = _OnePerTap()
         #: orphans whose settling failed: not retried on every event (tapd's
         #: own queue closing would announce one), only by a resync
         self._stuck: set[int] = set()
         self._resync_lock = trio.Lock()
-        #: taps whose address is being put back, and those to look at again
-        self._readdressing: set[int] = set()
-        self._readdress_again: set[int] = set()
+        #: taps whose address is being put back (and whether to look again)
+        self._readdressing = _OnePerTap()
         self._resync_wanted = False
         self._nursery: trio.Nursery | None = None
         #: what reconcile() found, for the metrics: restored, orphaned
@@ -246,25 +272,18 @@ class Lifecycle:
         local entry), then the static entries of the bridge's fenced leases
         that are missing.  One at a time per tap; events meanwhile run it
         again (a holder may change its address in a loop)."""
+
+        async def once() -> bool:
+            try:
+                await self._readdress_once(lease)
+            except Exception:
+                self.log.exception(
+                    "lease.address.reset.failed", lease=lease.id, ifname=lease.ifname
+                )
+            return True
+
         index = lease.ifindex
-        if index in self._readdressing:
-            self._readdress_again.add(index)
-            return
-        self._readdressing.add(index)
-        try:
-            while self.registry.get(index) is lease:
-                self._readdress_again.discard(index)
-                try:
-                    await self._readdress_once(lease)
-                except Exception:
-                    self.log.exception(
-                        "lease.address.reset.failed", lease=lease.id, ifname=lease.ifname
-                    )
-                if index not in self._readdress_again:
-                    return
-        finally:
-            self._readdressing.discard(index)
-            self._readdress_again.discard(index)
+        await self._readdressing.run(index, lambda: self.registry.get(index) is lease, once)
 
     async def _readdress_once(self, lease: Lease) -> None:
         found = await self.worker.run(self.netlink.port_address, lease.ifindex)
@@ -429,25 +448,20 @@ class Lifecycle:
     async def _settle(self, lease: Lease) -> None:
         """Apply the owner rule to an orphan (see the module's docstring).
         One settling per lease at a time; an event during it runs it again."""
+
+        async def once() -> bool:
+            try:
+                await self._settle_once(lease)
+            except Exception:
+                self._stuck.add(lease.ifindex)
+                self.log.exception("lease.settle.failed", lease=lease.id, ifname=lease.ifname)
+                return False
+            return True
+
         index = lease.ifindex
-        if index in self._settling:
-            self._settle_again.add(index)
-            return
-        self._settling.add(index)
-        try:
-            while self.registry.get(index) is lease and index in self._orphans:
-                self._settle_again.discard(index)
-                try:
-                    await self._settle_once(lease)
-                except Exception:
-                    self._stuck.add(index)
-                    self.log.exception("lease.settle.failed", lease=lease.id, ifname=lease.ifname)
-                    return
-                if index not in self._settle_again:
-                    return
-        finally:
-            self._settling.discard(index)
-            self._settle_again.discard(index)
+        await self._settling.run(
+            index, lambda: self.registry.get(index) is lease and index in self._orphans, once
+        )
 
     async def _settle_once(self, lease: Lease) -> None:
         if lease.adopted:
