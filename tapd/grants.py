@@ -9,9 +9,10 @@ delivery, undo and the tap's end are the lifecycle's.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
-from collections.abc import Container
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,71 +107,63 @@ class Granter:
         """A tap for ``peer`` as ``what`` says, leased to ``owner_`` (whose
         pidfd the lease takes; the caller closes ``owner_`` either way).
         ``fds_in`` stay the caller's to close."""
+        log = log.bind(bridge=what.bridge, queues=what.queues)
         try:
-            return await self._granted(
-                peer, what, fds_in, log, owner_, guest_mac, mac_known, guest_ips
+            held = self.lifecycle.registry.held_by(peer.uid) + self._making[peer.uid]
+            decision = self.policy.check(peer, what.bridge, what.queues, held)
+            self._within_max_taps(peer)
+            log = log.bind(rule=decision.rule)
+            if decision.fence.mac_filtering and not mac_known:
+                raise Denied(
+                    f"bridge {what.bridge!r} lets a guest send only with the MAC tapd gives it "
+                    f"({decision.rule} has mac_filtering), and QEMU's bridge helper protocol "
+                    "cannot tell QEMU that MAC; use tapctl request ... -device ...,mac={mac}"
+                ).about(rule=decision.rule)
+            registry = self.lifecycle.registry
+            taken = _Either(registry.guest_macs, self._reserved_macs)
+            mac = choose_mac(
+                guest_mac,
+                self.config.taps.guest_mac_prefix,
+                taken,
+                within_prefix=decision.fence.mac_filtering,
             )
+            ips = check_guest_ips(
+                guest_ips,
+                decision.ip_ranges,
+                decision.rule,
+                _Either(registry.guest_ips, self._reserved_ips),
+            )
+            terms = _Terms(decision, mac, ips)
+            with self._reserved(peer.uid, mac, ips):
+                if isinstance(what, CreatePlan):
+                    grant = await self._create(peer, what, terms, owner_, log)
+                elif isinstance(what, AdoptPlan):
+                    grant = await self._adopt(peer, what, terms, owner_, fds_in, log)
+                else:
+                    grant = await self._helper(peer, what, terms, owner_, log)
+            grant.rule = decision.rule
+            return grant
         except TapdError as exc:
+            # Every refusal says, in the audit log, what was asked for.
             exc.about(bridge=what.bridge, queues=what.queues)
             raise
 
-    async def _granted(
-        self,
-        peer: Peer,
-        what: Plan,
-        fds_in: list[int],
-        log: Logger,
-        owner_: Owner,
-        guest_mac: str | None,
-        mac_known: bool,
-        guest_ips: list[str] | None,
-    ) -> Grant:
-        log = log.bind(bridge=what.bridge, queues=what.queues)
-        held = self.lifecycle.registry.held_by(peer.uid) + self._making[peer.uid]
-        decision = self.policy.check(peer, what.bridge, what.queues, held)
-        self._within_max_taps(peer)
-        log = log.bind(rule=decision.rule)
-        if decision.fence.mac_filtering and not mac_known:
-            raise Denied(
-                f"bridge {what.bridge!r} lets a guest send only with the MAC tapd gives it "
-                f"({decision.rule} has mac_filtering), and QEMU's bridge helper protocol "
-                "cannot tell QEMU that MAC; use tapctl request ... -device ...,mac={mac}"
-            ).about(rule=decision.rule)
-        # A MAC chosen but not yet leased is reserved, so that two requests in
-        # flight never get the same one.
-        registry = self.lifecycle.registry
-        taken = _Either(registry.guest_macs, self._reserved_macs)
-        mac = choose_mac(
-            guest_mac,
-            self.config.taps.guest_mac_prefix,
-            taken,
-            within_prefix=decision.fence.mac_filtering,
-        )
-        ips = check_guest_ips(
-            guest_ips,
-            decision.ip_ranges,
-            decision.rule,
-            _Either(registry.guest_ips, self._reserved_ips),
-        )
-        terms = _Terms(decision, mac, ips)
+    @contextlib.contextmanager
+    def _reserved(self, uid: int, mac: str, ips: tuple[str, ...]) -> Iterator[None]:
+        """While a tap is being made: its guest MAC and addresses are taken
+        (two requests in flight never get the same), and it counts against
+        its uid's quota and max_taps with the live leases."""
         self._reserved_macs.add(mac)
         self._reserved_ips.update(ips)
-        self._making[peer.uid] += 1
+        self._making[uid] += 1
         try:
-            if isinstance(what, CreatePlan):
-                grant = await self._create(peer, what, terms, owner_, log)
-            elif isinstance(what, AdoptPlan):
-                grant = await self._adopt(peer, what, terms, owner_, fds_in, log)
-            else:
-                grant = await self._helper(peer, what, terms, owner_, log)
-            grant.rule = decision.rule
-            return grant
+            yield
         finally:
             self._reserved_macs.discard(mac)
             self._reserved_ips.difference_update(ips)
-            self._making[peer.uid] -= 1
-            if not self._making[peer.uid]:
-                del self._making[peer.uid]
+            self._making[uid] -= 1
+            if not self._making[uid]:
+                del self._making[uid]
 
     def _within_max_taps(self, peer: Peer) -> None:
         """[taps] max_taps: live taps over every uid but root.  A rule's own
