@@ -92,6 +92,22 @@ class MadeTap:
     vhost_fds: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
+    @classmethod
+    def new(cls, name: str, fds: list[int], vnet_hdr: bool, bridge: Bridge) -> MadeTap:
+        """A tap just made (or taken in) for ``bridge``: tapd's own address
+        for it, the bridge's MTU; its index and send buffer come later."""
+        return cls(
+            ifname=name,
+            ifindex=0,
+            bridge=bridge.name,
+            fds=fds,
+            vnet_hdr=vnet_hdr,
+            vnet_hdr_len=tun.VIRTIO_NET_HDR_LEN if vnet_hdr else 0,
+            mac=random_mac(),
+            mtu=bridge.mtu,
+            sndbuf=0,
+        )
+
     def close(self) -> None:
         tun.close_all(self.fds + self.vhost_fds)
         self.fds, self.vhost_fds = [], []
@@ -108,20 +124,6 @@ def random_mac() -> str:
     any other address a tap takes (:meth:`tapd.lifecycle.Lifecycle._readdress`).
     """
     return ":".join(f"{b:02x}" for b in bytes([TAP_OCTET]) + secrets.token_bytes(5))
-
-
-def _made(name: str, fds: list[int], vnet_hdr: bool, bridge: Bridge) -> MadeTap:
-    return MadeTap(
-        ifname=name,
-        ifindex=0,
-        bridge=bridge.name,
-        fds=fds,
-        vnet_hdr=vnet_hdr,
-        vnet_hdr_len=tun.VIRTIO_NET_HDR_LEN if vnet_hdr else 0,
-        mac=random_mac(),
-        mtu=bridge.mtu,
-        sndbuf=0,
-    )
 
 
 #: how often to draw a new name when a generated one is already taken
@@ -290,7 +292,7 @@ class KernelTaps:
         worker thread makes those."""
         vnet_hdr = self._vnet_hdr(spec.vnet_hdr)
         name, fds = self._create(spec, vnet_hdr)
-        return _made(name, fds, vnet_hdr, bridge)
+        return MadeTap.new(name, fds, vnet_hdr, bridge)
 
     def attach(self, made: MadeTap, bridge: Bridge, spec: TapSpec) -> None:
         """Prepare ``made`` and put it on ``bridge`` (as :meth:`create`, any
@@ -310,7 +312,7 @@ class KernelTaps:
         """
         vnet_hdr = self._vnet_hdr(spec.vnet_hdr)
         name, fds = self._create(spec, vnet_hdr, queues=1)
-        made = _made(name, fds, vnet_hdr, bridge)
+        made = MadeTap.new(name, fds, vnet_hdr, bridge)
         (fd,) = fds
         persistent = False
         try:
@@ -385,7 +387,7 @@ class KernelTaps:
             if problem is not None:
                 raise Denied(problem)
         bridge = self.netlink.bridge(spec.bridge)
-        made = _made(name, list(spec.fds), infos[0].vnet_hdr, bridge)
+        made = MadeTap.new(name, list(spec.fds), infos[0].vnet_hdr, bridge)
         try:
             self._attach(made, bridge, spec)
         except BaseException:

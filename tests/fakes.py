@@ -430,17 +430,9 @@ class FakeMaker:
 
     def _made(self, link: Link, bridge: Bridge, fds: list[int], spec: Any) -> MadeTap:
         vnet_hdr = getattr(spec, "vnet_hdr", None) is not False
-        made = MadeTap(
-            ifname=link.name,
-            ifindex=link.index,
-            bridge=bridge.name,
-            fds=fds,
-            vnet_hdr=vnet_hdr,
-            vnet_hdr_len=tun.VIRTIO_NET_HDR_LEN if vnet_hdr else 0,
-            mac=random_mac(),
-            mtu=bridge.mtu,
-            sndbuf=min(spec.sndbuf or tun.SNDBUF_DEFAULT, tun.SNDBUF_DEFAULT),
-        )
+        made = MadeTap.new(link.name, fds, vnet_hdr, bridge)
+        made.ifindex = link.index
+        made.sndbuf = min(spec.sndbuf or tun.SNDBUF_DEFAULT, tun.SNDBUF_DEFAULT)
         if spec.vhost is not None:
             made.vhost_fds = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in fds]
         return made
