@@ -83,7 +83,10 @@ def main(argv: list[str]) -> None:
         if os.fork() == 0:
             _child(path, position, kind, out)
     # One child at a time would be slower than tapd; all at once is a burst.
-    print("forked", flush=True)
+    # One write, like the children's lines: print() makes "forked" and its
+    # newline two writes when stdout is unbuffered (PYTHONUNBUFFERED), and a
+    # child's line can land between them.
+    os.write(out, b"forked\n")
     sys.stdin.read()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.killpg(0, signal.SIGKILL)

@@ -4,6 +4,7 @@ made is given back instead).  While tapd runs and across its restarts."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from pathlib import Path
 
@@ -68,12 +69,12 @@ def test_the_owner_rule_holds_across_a_restart(
     ns: str, br0: str, tmp_path: Path, kind: str
 ) -> None:
     (tmp_path / "again").mkdir()
-    with run_daemon(ns, tmp_path) as first:
-        fleet = Fleet(first.socket_path, [kind, "persist"])
-        lone = Fleet(first.socket_path, [kind])
-        (kept, persisted), (gone,) = fleet.holders, lone.holders
-        first.stop(signal.SIGKILL)
-    try:
+    with contextlib.ExitStack() as fleets:
+        with run_daemon(ns, tmp_path) as first:
+            fleet = fleets.enter_context(Fleet(first.socket_path, [kind, "persist"]))
+            lone = fleets.enter_context(Fleet(first.socket_path, [kind]))
+            (kept, persisted), (gone,) = fleet.holders, lone.holders
+            first.stop(signal.SIGKILL)
         # While no tapd runs: every owner exits; one holder goes too.
         for h in (kept, persisted, gone):
             kill(h.pid)
@@ -90,6 +91,3 @@ def test_the_owner_rule_holds_across_a_restart(
             kill(kept.holder)
             wait_until(lambda: taps(ns) == [], what="the held tap to go with its holder")
             wait_until(lambda: second.leases() == [], what="its lease to end")
-    finally:
-        fleet.close()
-        lone.close()

@@ -31,15 +31,19 @@ def test_taps_removed_while_a_restarted_tapd_rebuilds_its_leases_leave_no_lease(
     down.chmod(0o755)
     config = f'[programs]\nhooks = {{ down = "{down}" }}\n'
     (tmp_path / "again").mkdir()
-    with run_daemon(ns, tmp_path, config) as first:
-        # Persistent taps whose owners die while tapd is down: the restart
-        # removes each, one kernel round trip at a time, which keeps the
-        # rebuild busy while the second fleet dies.
-        early = Fleet(first.socket_path, ["persist"] * 30, downscript="down")
-        late = Fleet(first.socket_path, ["hold"] * 60, downscript="down")
-        named = {h.ifname for h in early.holders + late.holders}
-        first.stop(signal.SIGKILL)
-    try:
+    with contextlib.ExitStack() as fleets:
+        with run_daemon(ns, tmp_path, config) as first:
+            # Persistent taps whose owners die while tapd is down: the restart
+            # removes each, one kernel round trip at a time, which keeps the
+            # rebuild busy while the second fleet dies.
+            early = fleets.enter_context(
+                Fleet(first.socket_path, ["persist"] * 30, downscript="down")
+            )
+            late = fleets.enter_context(
+                Fleet(first.socket_path, ["hold"] * 60, downscript="down")
+            )
+            named = {h.ifname for h in early.holders + late.holders}
+            first.stop(signal.SIGKILL)
         for h in early.holders:
             kill(h.pid)
         with run_daemon(ns, tmp_path / "again", config) as second:
@@ -63,9 +67,6 @@ def test_taps_removed_while_a_restarted_tapd_rebuilds_its_leases_leave_no_lease(
                 what="a downscript for every lease",
             )
             assert sorted(out.read_text().split()) == sorted(named)
-    finally:
-        early.close()
-        late.close()
 
 
 def test_a_tap_whose_bridge_goes_keeps_its_lease(daemon: Daemon) -> None:
