@@ -4,9 +4,13 @@ What the daemon must remember between two reads of a connection is pure
 bookkeeping, kept here the way h11's ``Connection`` keeps it, so that it is
 tested by feeding it and fuzzed, with no socket and no clock:
 
-* which fds belong to which line: fds that arrive with bytes of a line not
-  yet complete belong to that line's request (:mod:`tapd.scm` sends every fd
-  of a line before its newline), and go out with it;
+* which fds belong to which line: the line that holds the last byte of the
+  read they came with.  The kernel ends a read of a stream socket right after
+  the message that carried fds, but glues messages without fds before it
+  (``unix_stream_read_generic``): a client that pipelines a line without fds
+  and then one with fds may have both arrive in one read, fds and all, and
+  those fds are the second line's.  (:mod:`tapd.scm` sends every fd of a line
+  before its newline, so they never come after it.)
 * the limits on those fds: a message the kernel truncated (``MSG_CTRUNC``),
   more than one request may bring, more than one uid or all clients together
   may leave waiting in tapd (:class:`FdBudget`, shared by every connection);
@@ -100,10 +104,12 @@ class Connection:
 
     __slots__ = (
         "_budget",
+        "_fed",
         "_lines",
         "_max_fds",
-        "_pending",
+        "_taken",
         "_uid",
+        "_waiting",
         "deadline",
         "end_of_life",
         "handled",
@@ -126,8 +132,12 @@ class Connection:
         self._budget = budget
         self._lines = LineBuffer(max_line)
         self._max_fds = max_fds
-        # fds that arrived with bytes of a line not yet complete
-        self._pending: list[int] = []
+        # bytes fed so far, and bytes given out as lines (with their newlines)
+        self._fed = 0
+        self._taken = 0
+        # fds not yet given out, each with the stream offset of the line they
+        # belong to (that of the last byte of the read they came with)
+        self._waiting: list[tuple[int, list[int]]] = []
         self.request_timeout = request_timeout
         self.lifetime = lifetime
         #: when the connection ends, however busy
@@ -140,8 +150,8 @@ class Connection:
 
     @property
     def pending_fds(self) -> int:
-        """fds held for the line not yet complete."""
-        return len(self._pending)
+        """fds held for lines not yet given out."""
+        return sum(len(fds) for _, fds in self._waiting)
 
     def receive(
         self,
@@ -160,7 +170,9 @@ class Connection:
         :meth:`close` gives it back, refused or not.
         """
         if fds:
-            self._pending += fds
+            # fds come with at least one byte; a read of none (impossible on a
+            # stream socket) would leave them to the next line.
+            self._waiting.append((self._fed + max(len(data), 1) - 1, fds))
             self._budget.hold(self._uid, len(fds))
             if not accept_fds:
                 raise FdsRefused(
@@ -169,7 +181,8 @@ class Connection:
                     "told who); send the request without fds, or try again later"
                 ).about(fds=len(fds))
         refusal: TooManyFds | None
-        if truncated or len(self._pending) > self._max_fds:
+        pending = self.pending_fds
+        if truncated or pending > self._max_fds:
             refusal = TooManyFds(
                 f"too many file descriptors: one message carries at most "
                 f"{MAX_FDS_PER_MSG} and one request at most "
@@ -179,11 +192,12 @@ class Connection:
             refusal = self._budget.refusal(self._uid, max_fds_per_uid)
         if refusal is not None:
             raise refusal.about(
-                fds=len(self._pending),
+                fds=pending,
                 uid_fds=self._budget.of(self._uid),
                 held_fds=self._budget.held,
             )
         self._lines.feed(data)
+        self._fed += len(data)
 
     def next_request(self) -> tuple[bytes, list[int]] | None:
         """The next complete line (without its newline) and the fds that came
@@ -193,7 +207,11 @@ class Connection:
         if line is None:
             return None
         self.handled += 1
-        fds, self._pending = self._pending, []
+        newline = self._taken + len(line)
+        self._taken = newline + 1
+        fds: list[int] = []
+        while self._waiting and self._waiting[0][0] <= newline:
+            fds += self._waiting.pop(0)[1]
         return line, fds
 
     def answered(self, now: float) -> RequestTimeout | None:
@@ -221,6 +239,7 @@ class Connection:
         return timeout
 
     def close(self) -> list[int]:
-        """The fds of the line never completed, for the caller to let go of."""
-        fds, self._pending = self._pending, []
+        """The fds of lines never given out, for the caller to let go of."""
+        fds = [fd for _, group in self._waiting for fd in group]
+        self._waiting = []
         return fds

@@ -8,7 +8,10 @@ at most 512, and a message the kernel truncated (MSG_CTRUNC) is refused.
 
 from __future__ import annotations
 
+import array
 import itertools
+import os
+import socket
 
 import pytest
 from hypothesis import event, given, settings
@@ -61,18 +64,54 @@ def test_fds_go_with_the_line_they_came_before() -> None:
     receive(conn, b'{"op":"hel', [10, 11])
     assert requests(conn) == []
     assert conn.pending_fds == 2
-    receive(conn, b'lo"}\n{"op":"hello"}\n', [12])
-    assert requests(conn) == [(b'{"op":"hello"}', [10, 11, 12]), (b'{"op":"hello"}', [])]
+    receive(conn, b'lo"}\n{"op":"hello"}\n')
+    assert requests(conn) == [(b'{"op":"hello"}', [10, 11]), (b'{"op":"hello"}', [])]
     assert conn.pending_fds == 0
     assert conn.handled == 2
 
 
-def test_fds_after_the_last_newline_wait_for_the_next_line() -> None:
+def test_fds_go_with_the_line_that_holds_the_last_byte_of_their_read() -> None:
+    """The kernel glues a message without fds to the one with fds after it,
+    and ends the read there: the fds are the later line's."""
+    conn = connection()
+    receive(conn, b'{"op":"hello"}\n{"op":"request"}\n', [12])
+    assert requests(conn) == [(b'{"op":"hello"}', []), (b'{"op":"request"}', [12])]
+    # The same when the line with fds is not yet complete.
+    receive(conn, b'{"op":"hello"}\n{"op":"req', [13])
+    assert requests(conn) == [(b'{"op":"hello"}', [])]
+    receive(conn, b'uest"}\n')
+    assert requests(conn) == [(b'{"op":"request"}', [13])]
+    assert conn.pending_fds == 0
+
+
+def test_a_pipelined_line_without_fds_leaves_the_next_lines_fds_to_it() -> None:
+    """Through a real socket: the client writes a line without fds, then a
+    line with one, before tapd reads; one read brings both."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b, open(os.devnull) as passed:
+        a.sendall(b'{"op":"hello"}\n')
+        a.sendmsg(
+            [b'{"op":"request"}\n'],
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [passed.fileno()]))],
+        )
+        data, fds, flags, _ = socket.recv_fds(b, 65536, 8)
+        try:
+            assert data == b'{"op":"hello"}\n{"op":"request"}\n'  # what the kernel does
+            conn = connection()
+            conn.receive(data, fds, bool(flags & socket.MSG_CTRUNC), max_fds_per_uid=PLENTY)
+            assert requests(conn) == [(b'{"op":"hello"}', []), (b'{"op":"request"}', fds)]
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def test_fds_that_came_with_bytes_of_an_unfinished_line_wait_for_its_newline() -> None:
     conn = connection()
     receive(conn, b"a\nb", [3])
-    assert requests(conn) == [(b"a", [3])]
+    assert requests(conn) == [(b"a", [])]
+    assert conn.pending_fds == 1
     receive(conn, b"\n", [4])
-    assert requests(conn) == [(b"b", [4])]
+    assert requests(conn) == [(b"b", [3, 4])]
 
 
 def test_close_gives_back_the_fds_of_a_line_never_finished() -> None:
@@ -189,7 +228,8 @@ def test_fds_are_refused_when_the_caller_cannot_let_go_of_them() -> None:
 
 def test_a_line_too_long_is_refused_after_the_lines_before_it() -> None:
     conn = connection(max_line=8)
-    receive(conn, b"ok\n" + b"x" * 8, [1])
+    receive(conn, b"ok\n", [1])
+    receive(conn, b"x" * 8)
     assert conn.next_request() == (b"ok", [1])
     with pytest.raises(errors.LineTooLong):
         conn.next_request()
@@ -245,10 +285,11 @@ def reads(draw: st.DrawFn) -> tuple[bytes, list[tuple[int, int, int, bool]]]:
     return stream, chunks
 
 
-def owner_of(stream: bytes, start: int) -> int | None:
-    """The line that fds arriving with the read starting at ``start`` belong
-    to: the first whose newline is at or after ``start`` (None: no such line)."""
-    newline = stream.find(b"\n", start)
+def owner_of(stream: bytes, last: int) -> int | None:
+    """The line that fds arriving with the read whose last byte is at ``last``
+    belong to: the first whose newline is at or after ``last`` (None: no such
+    line)."""
+    newline = stream.find(b"\n", last)
     return None if newline < 0 else stream.count(b"\n", 0, newline)
 
 
@@ -286,11 +327,14 @@ def test_fuzz_every_fd_goes_with_one_line_or_is_let_go_once_and_limits_hold(
     try:
         for index, (start, end, count, truncated) in enumerate(chunks):
             fds = [next(numbers) for _ in range(count)]
-            owner = owner_of(stream, start)
+            owner = owner_of(stream, end - 1)
             owners.update(dict.fromkeys(fds, owner))
             # What the limits are over, worked out from positions alone: fds
-            # of earlier reads with no newline since are still waiting.
-            waiting = sum(n for s, _, n, _ in chunks[: index + 1] if b"\n" not in stream[s:start])
+            # of earlier reads with no newline from their last byte on are
+            # still waiting (and this read's, whatever it holds).
+            waiting = sum(
+                n for _, e, n, _ in chunks[: index + 1] if b"\n" not in stream[e - 1 : start]
+            )
             over = (
                 truncated
                 or waiting > max_fds

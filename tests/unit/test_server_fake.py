@@ -18,7 +18,7 @@ import trio
 import trio.testing
 from fakes import EventLog, FakeClosers, Programs, Stack, open_fds, stack
 
-from tapd import aio, fdpass
+from tapd import aio, fdpass, scm
 from tapd.config import Config
 from tapd.server import Server
 
@@ -172,6 +172,27 @@ async def test_a_client_gone_before_its_reply_leaves_nothing(
             while r.s.service.connections:
                 await trio.sleep(0.005)
         assert open_fds() == before
+
+
+async def test_a_pipelined_line_without_fds_leaves_the_next_one_its_fds(
+    programs: Programs, tmp_path: Path
+) -> None:
+    """A client writes a line without fds and one with its own tap's fd before
+    tapd reads: the kernel hands both over in one read, fd and all, and the fd
+    is the second line's."""
+    async with serving(config(programs), tmp_path) as r:
+        mine = r.s.kernel.client_tap("vm0", owner=os.getuid())
+        with Client(r.path) as sock:
+            # Both sent before tapd runs again (no checkpoint between them).
+            scm.send_line_sync(sock.sock, b'{"op": "hello"}\n', [])
+            scm.send_line_sync(sock.sock, b'{"op": "request", "br": "br0", "fd": "3"}\n', [mine])
+            assert (await sock.reply())["ok"]
+            adopted = await sock.reply()
+            assert adopted["ok"], adopted
+            assert adopted["ifname"] == "vm0"
+        link = r.s.kernel.by_name("vm0")
+        assert link is not None and link.master is not None
+        os.close(mine)
 
 
 class Overloaded:
