@@ -39,9 +39,7 @@ def test_taps_removed_while_a_restarted_tapd_rebuilds_its_leases_leave_no_lease(
             early = fleets.enter_context(
                 Fleet(first.socket_path, ["persist"] * 30, downscript="down")
             )
-            late = fleets.enter_context(
-                Fleet(first.socket_path, ["hold"] * 60, downscript="down")
-            )
+            late = fleets.enter_context(Fleet(first.socket_path, ["hold"] * 60, downscript="down"))
             named = {h.ifname for h in early.holders + late.holders}
             first.stop(signal.SIGKILL)
         for h in early.holders:
