@@ -56,6 +56,15 @@ from .owner import Owner
 from .taps import random_mac
 from .worker import KernelWorker
 
+#: A tap whose address tapd had to put back this many times within
+#: READDRESS_WINDOW seconds is taken from its holder (deleted; a tap the
+#: client made is given back, off the bridge).  A VMM that sets its tap's
+#: address once (cloud-hypervisor's ``host_mac``) is put back and goes on;
+#: one that sets it in a loop would otherwise hold another's address nearly
+#: all the time, tapd's reset notwithstanding.
+READDRESS_STRIKES = 3
+READDRESS_WINDOW = 60.0
+
 
 @dataclass
 class Grant:
@@ -146,6 +155,8 @@ class Lifecycle:
         self._resync_lock = trio.Lock()
         #: taps whose address is being put back (and whether to look again)
         self._readdressing = _OnePerTap()
+        #: when tapd put each leased tap's address back (within the window)
+        self._resets: dict[int, list[float]] = {}
         self._resync_wanted = False
         self._nursery: trio.Nursery | None = None
         #: what reconcile() found, for the metrics: restored, orphaned
@@ -224,6 +235,7 @@ class Lifecycle:
             scope.cancel()
         self._orphans.discard(lease.ifindex)
         self._stuck.discard(lease.ifindex)
+        self._resets.pop(lease.ifindex, None)
         self.log.info(
             "lease.ended", lease=lease.id, ifname=lease.ifname, uid=lease.uid, reason=reason
         )
@@ -302,10 +314,32 @@ class Lifecycle:
                 seen=seen,
                 address=mac,
             )
+            if self._strike(lease.ifindex) >= READDRESS_STRIKES:
+                self.log.warning(
+                    "lease.revoked",
+                    lease=lease.id,
+                    ifname=lease.ifname,
+                    uid=lease.uid,
+                    reason="readdressed",
+                    resets=READDRESS_STRIKES,
+                    seconds=READDRESS_WINDOW,
+                )
+                try:
+                    await self.release(lease, "revoked")
+                except Exception:
+                    self.log.exception("lease.revoke.failed", lease=lease.id, ifname=lease.ifname)
         # Even when the address is tapd's again (its holder may have moved on
         # before tapd looked), what it displaced on the way is still missing.
         if master is not None:
             await self._restore_static_entries(lease.bridge, master)
+
+    def _strike(self, index: int) -> int:
+        """Count a reset of tap ``index``'s address: how many in the window."""
+        now = trio.current_time()
+        recent = [t for t in self._resets.get(index, []) if now - t < READDRESS_WINDOW]
+        recent.append(now)
+        self._resets[index] = recent
+        return len(recent)
 
     async def _restore_static_entries(self, bridge: str, index: int) -> None:
         """Add back the static FDB entry of every lease filtering MACs on
@@ -397,6 +431,7 @@ class Lifecycle:
         if self.registry.get(lease.ifindex) is not lease:
             return
         self.registry.pop(lease.ifindex)
+        self._resets.pop(lease.ifindex, None)
         scope = self._watches.pop(lease.ifindex, None)
         if scope is not None:
             scope.cancel()
@@ -573,16 +608,16 @@ class Lifecycle:
         else:
             self.log.info("lease.fence.restored", lease=lease.id, fence=lease.fence)
 
-    async def release(self, lease: Lease) -> None:
+    async def release(self, lease: Lease, reason: str = "released") -> None:
         """End a lease now: remove its tap even while a VM holds it; give a
         tap the client made back untouched (detached and untagged)."""
         if lease.adopted:
-            await self._give_back(lease, "released")
+            await self._give_back(lease, reason)
             return
         removed = await self.worker.run(self.netlink.delete, lease.ifindex)
         # Already gone and its event not yet here: end it now.
         if not removed and self.registry.pop(lease.ifindex) is not None:
-            self._ended(lease, "released")
+            self._ended(lease, reason)
 
     # -- restart ---------------------------------------------------------------
 

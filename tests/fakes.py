@@ -261,6 +261,27 @@ class FakeNetlink:
         self._call("addresses")
         return {i: link.address for i, link in self.kernel.links.items() if link.kind == "tun"}
 
+    def port_address(self, index: int) -> tuple[str, int | None] | None:
+        self._call("port_address", index)
+        link = self.kernel.links.get(index)
+        return None if link is None else (link.address, link.master)
+
+    def set_address(self, index: int, mac: str) -> bool:
+        self._call("set_address", index)
+        link = self.kernel.links.get(index)
+        if link is None:
+            return False
+        link.address = mac
+        return True
+
+    def static_entries(self, bridge: int) -> set[tuple[int, str]]:
+        self._call("static_entries", bridge)
+        return {
+            (link.index, link.static_mac)
+            for link in self.kernel.links.values()
+            if link.master == bridge and link.static_mac is not None
+        }
+
     def _tun_info(self, link: Link | None) -> TunInfo | None:
         if link is None or link.kind != "tun":
             return None

@@ -18,7 +18,7 @@ import trio
 import trio.testing
 from fakes import FakeKernel, Programs, Stack, peer, process, stack
 
-from tapd import owner
+from tapd import lifecycle, owner
 from tapd.config import Config
 from tapd.errors import KernelError, TapLeased
 from tapd.fence import ifb_name
@@ -313,3 +313,67 @@ async def test_release_removes_a_held_tap_and_gives_back_an_adopted_one(
         assert ended(s)[-1]["reason"] == "released"
         os.close(mine)
         os.close(who.pidfd)
+
+
+async def readdressed(s: Stack, index: int, mac: str) -> None:
+    """The tap's holder sets its address (SIOCSIFHWADDR): tapd hears of it
+    and puts an address of its own back."""
+    resets = len(s.log.named("lease.address.reset"))
+    s.kernel.links[index].address = mac
+    s.kernel.emit(LinkEvent.ADDRESS, index)
+    await until(lambda: len(s.log.named("lease.address.reset")) > resets)
+
+
+async def test_a_tap_readdressed_again_and_again_is_taken_from_its_holder(
+    programs: Programs, autojump_clock: trio.testing.MockClock
+) -> None:
+    cfg = config(programs)
+    # No subprocess (no nft) on the autojump clock, which would jump through its wait.
+    cfg = cfg.model_copy(
+        update={"programs": cfg.programs.model_copy(update={"nft": str(programs.root / "none")})}
+    )
+    async with stack(cfg) as s:
+        g = await grant(s, os.getpid())
+        assert g.lease is not None
+        index = g.lease.ifindex
+        held = delivered(g)
+        # Resets spread over more than the window never add up to a revocation.
+        for _ in range(lifecycle.READDRESS_STRIKES + 1):
+            await readdressed(s, index, "52:54:00:12:34:56")
+            assert s.kernel.links[index].address.startswith("fe:")
+            await trio.sleep(lifecycle.READDRESS_WINDOW / (lifecycle.READDRESS_STRIKES - 1))
+        assert s.lifecycle.registry.get(index) is not None and not s.log.named("lease.revoked")
+        # As many within the window: the tap goes, with its lease.
+        await trio.sleep(lifecycle.READDRESS_WINDOW)
+        for _ in range(lifecycle.READDRESS_STRIKES):
+            await readdressed(s, index, "52:54:00:12:34:56")
+        await until(lambda: s.lifecycle.registry.get(index) is None)
+        (revoked,) = s.log.named("lease.revoked")
+        assert (revoked["ifname"], revoked["reason"]) == (g.lease.ifname, "readdressed")
+        assert index not in s.kernel.links
+        assert ended(s)[0]["lease"] == g.lease.id
+        for fd in held:
+            os.close(fd)
+
+
+async def test_an_adopted_tap_readdressed_again_and_again_is_given_back(
+    programs: Programs,
+) -> None:
+    async with stack(config(programs)) as s:
+        mine = s.kernel.client_tap("vm0", owner=os.getuid())
+        who = peer(os.getpid())
+        try:
+            line = json.dumps({"op": "request", "br": "br0", "fd": "3"}).encode()
+            g = await s.service.handle(who, decode_request(line), [mine], s.log)
+        finally:
+            os.close(who.pidfd)
+        assert g.lease is not None
+        g.sent()
+        index = g.lease.ifindex
+        for _ in range(lifecycle.READDRESS_STRIKES):
+            await readdressed(s, index, "52:54:00:12:34:56")
+        await until(lambda: s.lifecycle.registry.get(index) is None)
+        link = s.kernel.links[index]  # the client's tap stays, off the bridge
+        assert (link.master, link.alias, link.up) == (None, "", False)
+        assert ended(s)[0]["reason"] == "revoked"
+        os.close(mine)
