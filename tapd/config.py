@@ -15,7 +15,7 @@ import re
 import string
 import tomllib
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated, Any, Self
 
 from pydantic import (
     AfterValidator,
@@ -243,7 +243,12 @@ class DenyRule(_Section):
 
 
 class AllowRule(DenyRule):
-    """An [[allow]] entry, with optional limits for those it allows."""
+    """An [[allow]] entry, with optional limits for those it allows.
+
+    Unlike a deny rule, it names its bridges: a rule that forgot them would
+    otherwise hand out every bridge on the host ("*" says so on purpose)."""
+
+    bridges: tuple[BridgePattern, ...]
 
     #: the most queues one request may ask for
     max_queues: Annotated[int, Field(ge=1, le=256)] | None = None
@@ -273,7 +278,7 @@ class Config(_Section):
     taps: TapsConfig = TapsConfig()
     vhost: VhostConfig = VhostConfig()
     programs: ProgramsConfig = ProgramsConfig()
-    allow: tuple[AllowRule, ...] = (AllowRule(users=("0",)),)
+    allow: tuple[AllowRule, ...] = (AllowRule(users=("0",), bridges=("*",)),)
     deny: tuple[DenyRule, ...] = ()
 
     @model_validator(mode="after")
@@ -320,20 +325,54 @@ def parse(text: str, path: str = "<config>") -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
+        raise ConfigError(path, [f"not valid TOML: {exc}{_toml_hint(text, str(exc))}"]) from None
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        problems = [
-            f"{_loc(e['loc'])}: "
-            + (
-                f"unknown key; valid here: {', '.join(_keys_at(e['loc'][:-1]))}"
-                if e["type"] == "extra_forbidden"
-                else e["msg"].removeprefix("Value error, ")
-            )
-            for e in exc.errors(include_url=False)
-        ]
+        problems = [f"{_loc(e['loc'])}: {_problem(e)}" for e in exc.errors(include_url=False)]
         raise ConfigError(path, problems) from None
+
+
+def _problem(error: Any) -> str:
+    """What is wrong with one value, in TOML's words, and how to put it right."""
+    kind, loc = error["type"], error["loc"]
+    if kind == "extra_forbidden":
+        return f"unknown key; valid here: {', '.join(_keys_at(loc[:-1]))}"
+    if kind == "missing" and loc[-1] == "bridges":
+        return 'missing: name the bridges it allows (bridges = ["br0"]), or "*" for every one'
+    if kind == "missing":
+        return "missing: this key is required"
+    if kind in ("tuple_type", "list_type"):
+        example = {"users": "alice", "groups": "kvm", "bridges": "br0"}.get(str(loc[-1]), "...")
+        return f'must be an array, e.g. {loc[-1]} = ["{example}"]'
+    if kind == "string_type":
+        name = next((part for part in reversed(loc) if isinstance(part, str)), "")
+        return "must be a string, in quotes" + _STRING_HINTS.get(name, "")
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+#: how to write the strings people most often leave unquoted
+_STRING_HINTS = {
+    "users": ': a name or a uid ("1000", not 1000)',
+    "groups": ': a name or a gid ("100", not 100)',
+    "socket_mode": ': octal digits ("0660")',
+}
+
+
+def _toml_hint(text: str, message: str) -> str:
+    """A hint for the TOML mistakes people make in this file."""
+    at = re.search(r"at line (\d+)", message)
+    lines = text.splitlines()
+    if at is None or not 0 < int(at.group(1)) <= len(lines):
+        return ""
+    line = lines[int(at.group(1)) - 1]
+    if re.search(r"=\s*0\d", line):
+        return '; TOML has no numbers with a leading zero: write a mode in quotes ("0660")'
+    if re.search(r"=\s*(yes|no|on|off|True|False)\s*(#.*)?$", line):
+        return "; a flag is true or false"
+    if re.search(r"=\s*[A-Za-z_][\w.-]*\s*(#.*)?$", line):
+        return '; a string goes in quotes (name = "value")'
+    return ""
 
 
 def load(path: str | None) -> Config:

@@ -63,17 +63,18 @@ def test_the_example_configuration_is_valid() -> None:
             id="unknown-socket-group",
         ),
         pytest.param(
-            '[[allow]]\nusers = ["no-such-user-tapd"]\n',
+            '[[allow]]\nbridges = ["*"]\nusers = ["no-such-user-tapd"]\n',
             ["allow[0].users[0]", "no user 'no-such-user-tapd'"],
             id="unknown-user",
         ),
         pytest.param(
-            '[[allow]]\nusers = ["0"]\n[[allow]]\ngroups = ["0", "no-such-group-tapd"]\n',
+            '[[allow]]\nbridges = ["*"]\nusers = ["0"]\n'
+            '[[allow]]\nbridges = ["*"]\ngroups = ["0", "no-such-group-tapd"]\n',
             ["allow[1].groups[1]", "no group 'no-such-group-tapd'"],
             id="unknown-group",
         ),
         pytest.param(
-            '[[allow]]\nusers = ["0"]\ntap_group = "no-such-group-tapd"\n',
+            '[[allow]]\nbridges = ["*"]\nusers = ["0"]\ntap_group = "no-such-group-tapd"\n',
             ["allow[0].tap_group", "no group 'no-such-group-tapd'"],
             id="unknown-tap-group",
         ),
@@ -81,6 +82,11 @@ def test_the_example_configuration_is_valid() -> None:
             '[[allow]]\nbridges = ["br0"]\n',
             ["allow[0]", "matches nobody"],
             id="allow-rule-matching-nobody",
+        ),
+        pytest.param(
+            '[[allow]]\nusers = ["0"]\n',
+            ["allow[0].bridges", "missing", '"*" for every one'],
+            id="allow-rule-without-bridges",
         ),
         pytest.param(
             "[[deny]]\nusers = []\ngroups = []\n",
@@ -98,7 +104,7 @@ def test_the_example_configuration_is_valid() -> None:
             id="deny-rule-with-max-taps",
         ),
         pytest.param(
-            '[[allow]]\nusers = ["0"]\nmax_queues = 257\n',
+            '[[allow]]\nbridges = ["*"]\nusers = ["0"]\nmax_queues = 257\n',
             ["allow[0].max_queues", "256"],
             id="max-queues-over-the-kernels",
         ),
@@ -167,7 +173,8 @@ def test_each_mistake_is_named_with_the_file_and_key(
 def test_every_problem_in_a_file_is_listed(tmp_path: Path) -> None:
     path = tmp_path / "tapd.toml"
     path.write_text(
-        '[server]\nbogus = 1\nsocket_mode = "9"\n[[allow]]\nusers = ["no-such-user-tapd"]\n'
+        '[server]\nbogus = 1\nsocket_mode = "9"\n'
+        '[[allow]]\nbridges = ["*"]\nusers = ["no-such-user-tapd"]\n'
     )
     done = check(path)
     assert done.returncode != 0

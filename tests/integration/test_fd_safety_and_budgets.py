@@ -507,6 +507,7 @@ def test_a_global_max_taps_bounds_every_uid_a_group_rule_matches(
 [taps]
 max_taps = 3
 [[allow]]
+bridges = ["*"]
 users = ["0"]
 [[allow]]
 groups = ["{G1}"]

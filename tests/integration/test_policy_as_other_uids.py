@@ -335,6 +335,7 @@ def test_deny_wins_over_allow_and_names_its_rule(
 ) -> None:
     config = f"""
 [[allow]]
+bridges = ["*"]
 users = ["{U1}", "{U2}"]
 [[deny]]
 users = ["{U1}"]
@@ -422,7 +423,7 @@ def test_max_queues_bounds_one_request(ns: str, br0: str, tmp_path: Path, users:
 def test_a_uid_cannot_see_or_release_another_uids_lease(
     ns: str, br0: str, tmp_path: Path, users: Users
 ) -> None:
-    config = f'[[allow]]\nusers = ["0", "{U1}", "{U2}"]\n'
+    config = f'[[allow]]\nbridges = ["*"]\nusers = ["0", "{U1}", "{U2}"]\n'
     with run_daemon(ns, tmp_path, config) as daemon:
         share(daemon)
         owner, other = users(daemon, U1), users(daemon, U2)
@@ -463,19 +464,19 @@ def _log_events(daemon: Daemon, event: str) -> list[dict[str, Any]]:
 def test_sighup_reloads_the_policy_and_keeps_it_when_the_file_is_bad(
     ns: str, br0: str, tmp_path: Path, users: Users
 ) -> None:
-    with run_daemon(ns, tmp_path, '[[allow]]\nusers = ["0"]\n') as daemon:
+    with run_daemon(ns, tmp_path, '[[allow]]\nbridges = ["*"]\nusers = ["0"]\n') as daemon:
         share(daemon)
         cfg = tmp_path / "tapd.toml"
         user = users(daemon, U1)
         assert "no allow rule" in user.refused("denied", br=br0)
 
-        cfg.write_text(f'[[allow]]\nusers = ["0", "{U1}"]\n')
+        cfg.write_text(f'[[allow]]\nbridges = ["*"]\nusers = ["0", "{U1}"]\n')
         os.kill(daemon.proc.pid, signal.SIGHUP)
         wait_until(lambda: _log_events(daemon, "config.reload.complete"), what="the reload")
         user.granted(br=br0)
 
         # Applied even in part, this would take U1's rule away.
-        cfg.write_text('[[allow]]\nusers = ["0"]\nmax_taps = "many"\n')
+        cfg.write_text('[[allow]]\nbridges = ["*"]\nusers = ["0"]\nmax_taps = "many"\n')
         os.kill(daemon.proc.pid, signal.SIGHUP)
         wait_until(lambda: _log_events(daemon, "config.reload.failed"), what="the failed reload")
         (failed,) = _log_events(daemon, "config.reload.failed")
@@ -500,8 +501,10 @@ def test_a_peer_in_very_many_groups_is_answered_and_its_deny_rule_holds(
     many = [G1 + 1000 + i for i in range(300)]
     config = f"""
 [[allow]]
+bridges = ["*"]
 users = ["{U1}"]
 [[allow]]
+bridges = ["*"]
 groups = ["{many[-2]}"]
 [[deny]]
 groups = ["{many[-1]}"]

@@ -369,7 +369,7 @@ def test_reload_fails_on_a_bad_file_and_keeps_the_policy(box: Machine) -> None:
     tapctl(box, "request", "--json", "--br", "br0")  # started, on the example policy
     pid = main_pid(box)
     good = box.run("cat", CONFIG).stdout
-    box.write(CONFIG, good + '\n[[allow]]\ngroups = ["kvm"]\nbridgez = ["br1"]\n')
+    box.write(CONFIG, good + '\n[[allow]]\nbridges = ["*"]\ngroups = ["kvm"]\nbridgez = ["br1"]\n')
     try:
         reload = box.run("systemctl", "reload", "tapd", check=False)
         assert reload.returncode != 0

@@ -70,8 +70,8 @@ def test_a_file_sets_what_it_names_and_keeps_the_rest(tmp_path: Path) -> None:
         ("bogus = 1\n", "bogus"),
         ("[server]\nbogus = 1\n", "server.bogus"),
         ("[taps]\nsocket = '/x'\n", "taps.socket"),
-        ("[[allow]]\nusers = ['0']\nbogus = 1\n", "allow[0].bogus"),
-        ("[[allow]]\nusers = ['0']\n[[deny]]\nuser = 'nobody'\n", "deny[0].user"),
+        ("[[allow]]\nbridges = ['*']\nusers = ['0']\nbogus = 1\n", "allow[0].bogus"),
+        ("[[allow]]\nbridges = ['*']\nusers = ['0']\n[[deny]]\nuser = 'nobody'\n", "deny[0].user"),
     ],
 )
 def test_unknown_key(text: str, path: str) -> None:
@@ -85,7 +85,7 @@ def test_unknown_key(text: str, path: str) -> None:
     [
         ("[server]\nbogus = 1\n", "socket_mode"),
         ("[taps]\nbogus = 1\n", "name_template"),
-        ("[[allow]]\nusers = ['0']\nbogus = 1\n", "max_queues"),
+        ("[[allow]]\nbridges = ['*']\nusers = ['0']\nbogus = 1\n", "max_queues"),
     ],
 )
 def test_unknown_key_says_what_is_valid_there(text: str, valid: str) -> None:
@@ -109,11 +109,14 @@ def test_socket_mode_must_be_a_string() -> None:
         ("[server]\nmax_connections = 0\n", "server.max_connections"),
         ("[server]\nrequest_timeout = 0\n", "server.request_timeout"),
         ("[server]\nsocket = 5\n", "server.socket"),
-        ("[[allow]]\nusers = [0]\n", "allow[0].users[0]"),
-        ("[[allow]]\nusers = ['0']\nmax_queues = 0\n", "allow[0].max_queues"),
+        ("[[allow]]\nbridges = ['*']\nusers = [0]\n", "allow[0].users[0]"),
+        ("[[allow]]\nbridges = ['*']\nusers = ['0']\nmax_queues = 0\n", "allow[0].max_queues"),
         # drivers/net/tun.c: MAX_TAP_QUEUES is 256.
-        ("[[allow]]\nusers = ['0']\nmax_queues = 257\n", "allow[0].max_queues"),
-        ("[[allow]]\nusers = ['0']\n[[allow]]\nbridges = 'br0'\n", "allow[1].bridges"),
+        ("[[allow]]\nbridges = ['*']\nusers = ['0']\nmax_queues = 257\n", "allow[0].max_queues"),
+        (
+            "[[allow]]\nbridges = ['*']\nusers = ['0']\n[[allow]]\nbridges = 'br0'\n",
+            "allow[1].bridges",
+        ),
     ],
 )
 def test_bad_value(text: str, path: str) -> None:
@@ -123,13 +126,21 @@ def test_bad_value(text: str, path: str) -> None:
 @pytest.mark.parametrize(
     ("text", "path", "named"),
     [
-        ("[[allow]]\nusers = ['nosuchuser-tapd']\n", "allow[0].users[0]", "nosuchuser-tapd"),
+        (
+            "[[allow]]\nbridges = ['*']\nusers = ['nosuchuser-tapd']\n",
+            "allow[0].users[0]",
+            "nosuchuser-tapd",
+        ),
         ("[[deny]]\ngroups = ['nosuchgroup-tapd']\n", "deny[0].groups[0]", "nosuchgroup-tapd"),
-        ("[[allow]]\nusers = ['0']\ntap_group = 'nosuchgroup-tapd'\n", "allow[0].tap_group", ""),
+        (
+            "[[allow]]\nbridges = ['*']\nusers = ['0']\ntap_group = 'nosuchgroup-tapd'\n",
+            "allow[0].tap_group",
+            "",
+        ),
         ("[server]\nsocket_group = 'nosuchgroup-tapd'\n", "server.socket_group", ""),
         # "\u00b2" (superscript two) passes str.isdigit() but is no decimal id
-        ('[[allow]]\nusers = ["\u00b2"]\n', "allow[0].users[0]", ""),
-        ('[[allow]]\ngroups = ["\u00b2"]\n', "allow[0].groups[0]", ""),
+        ('[[allow]]\nbridges = ["*"]\nusers = ["\u00b2"]\n', "allow[0].users[0]", ""),
+        ('[[allow]]\nbridges = ["*"]\ngroups = ["\u00b2"]\n', "allow[0].groups[0]", ""),
     ],
 )
 def test_users_and_groups_must_exist_or_be_ids(text: str, path: str, named: str) -> None:
@@ -305,3 +316,33 @@ def test_budget_defaults_leave_room_for_others_and_root() -> None:
 )
 def test_budget_keys_are_checked(text: str, where: str) -> None:
     assert only_problem(text).startswith(where)
+
+
+# -- the mistakes people make, and what tapd says to put them right -----------------
+
+
+def test_an_allow_rule_must_name_its_bridges() -> None:
+    """A rule that forgot its bridges would hand out every bridge on the host."""
+    problem = only_problem("[[allow]]\nusers = ['0']\n")
+    assert problem.startswith("allow[0].bridges: missing")
+    assert 'bridges = ["br0"]' in problem and '"*"' in problem
+    # A deny rule without bridges denies every bridge, as before.
+    cfg = config.parse("[[allow]]\nusers = ['0']\nbridges = ['*']\n[[deny]]\nusers = ['0']\n")
+    assert cfg.deny[0].bridges == ("*",)
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("[[allow]]\nusers = [65534]\nbridges = ['br0']\n", '("1000", not 1000)'),
+        ("[[allow]]\ngroups = [100]\nbridges = ['br0']\n", '("100", not 100)'),
+        ("[server]\nsocket_mode = 660\n", '("0660")'),
+        ("[[allow]]\nusers = ['0']\nbridges = 'br0'\n", 'must be an array, e.g. bridges = ["br0"]'),
+        ("[[allow]]\nusers = '0'\nbridges = ['br0']\n", 'users = ["alice"]'),
+        ("[server]\nsocket_mode = 0660\n", "no numbers with a leading zero"),
+        ("[server]\nsocket_group = kvm\n", '(name = "value")'),
+        ("[[allow]]\nusers = ['0']\nbridges = ['*']\nmac_filtering = yes\n", "true or false"),
+    ],
+)
+def test_common_mistakes_say_how_to_write_it(text: str, says: str) -> None:
+    assert says in only_problem(text)

@@ -177,7 +177,7 @@ egress_limit = "500kbit"
     fence = Policy(config).check(Peer(uid=1000, gid=1000, pid=1), "br0").fence
     assert (fence.ingress, fence.egress) == (10_000_000, 500_000)
     with pytest.raises(Exception, match="not a rate"):
-        parse('[[allow]]\nusers = ["1"]\negress_limit = "lots"\n')
+        parse('[[allow]]\nbridges = ["*"]\nusers = ["1"]\negress_limit = "lots"\n')
 
 
 @pytest.mark.parametrize("index", [1, 4242, 2**31 - 1])

@@ -35,7 +35,7 @@ def config(programs: Programs, **rule: Any) -> Config:
                 "nft": programs.nft,
                 "hooks": {"down": programs.hook("down"), "up": programs.hook("up")},
             },
-            "allow": [{"users": [str(os.getuid())], **rule}],
+            "allow": [{"users": [str(os.getuid())], "bridges": ["*"], **rule}],
         }
     )
 

@@ -46,7 +46,7 @@ def denied(cfg: Config, peer: Peer, bridge: str = "br0", queues: int = 1) -> str
     ],
 )
 def test_users_by_name_or_id(users: tuple[str, ...], peer: Peer) -> None:
-    assert check(allow(AllowRule(users=users)), peer).rule == "allow[0]"
+    assert check(allow(AllowRule(users=users, bridges=("*",))), peer).rule == "allow[0]"
 
 
 @pytest.mark.parametrize(
@@ -58,7 +58,7 @@ def test_users_by_name_or_id(users: tuple[str, ...], peer: Peer) -> None:
     ],
 )
 def test_users_that_do_not_match(users: tuple[str, ...], peer: Peer) -> None:
-    denied(allow(AllowRule(users=users)), peer)
+    denied(allow(AllowRule(users=users, bridges=("*",))), peer)
 
 
 @pytest.mark.parametrize(
@@ -74,7 +74,7 @@ def test_users_that_do_not_match(users: tuple[str, ...], peer: Peer) -> None:
     ],
 )
 def test_groups_by_primary_or_supplementary_gid(groups: tuple[str, ...], peer: Peer) -> None:
-    assert check(allow(AllowRule(groups=groups)), peer).rule == "allow[0]"
+    assert check(allow(AllowRule(groups=groups, bridges=("*",))), peer).rule == "allow[0]"
 
 
 @pytest.mark.parametrize(
@@ -86,7 +86,7 @@ def test_groups_by_primary_or_supplementary_gid(groups: tuple[str, ...], peer: P
     ],
 )
 def test_groups_that_do_not_match(groups: tuple[str, ...], peer: Peer) -> None:
-    denied(allow(AllowRule(groups=groups)), peer)
+    denied(allow(AllowRule(groups=groups, bridges=("*",))), peer)
 
 
 def test_no_rules_means_no_one() -> None:
@@ -97,20 +97,22 @@ def test_no_rules_means_no_one() -> None:
 
 
 def test_no_matching_rule_says_so() -> None:
-    message = denied(allow(AllowRule(users=("root",))), NOBODY, "br7")
+    message = denied(allow(AllowRule(users=("root",), bridges=("*",))), NOBODY, "br7")
     assert "no allow rule" in message
     assert "'br7'" in message
     assert "uid 65534" in message
 
 
 def test_deny_wins_over_an_earlier_allow() -> None:
-    cfg = Config(allow=(AllowRule(users=("nobody",)),), deny=(DenyRule(groups=("nogroup",)),))
+    cfg = Config(
+        allow=(AllowRule(users=("nobody",), bridges=("*",)),), deny=(DenyRule(groups=("nogroup",)),)
+    )
     assert "deny[0]" in denied(cfg, NOBODY)
 
 
 def test_the_deny_rule_that_matched_is_named() -> None:
     cfg = Config(
-        allow=(AllowRule(users=("0",)),),
+        allow=(AllowRule(users=("0",), bridges=("*",)),),
         deny=(DenyRule(users=("nobody",)), DenyRule(users=("root",), bridges=("br1",))),
     )
     assert "deny[1]" in denied(cfg, ROOT, "br1")
@@ -118,7 +120,9 @@ def test_the_deny_rule_that_matched_is_named() -> None:
 
 
 def test_a_deny_that_does_not_match_changes_nothing() -> None:
-    cfg = Config(allow=(AllowRule(users=("root",)),), deny=(DenyRule(users=("nobody",)),))
+    cfg = Config(
+        allow=(AllowRule(users=("root",), bridges=("*",)),), deny=(DenyRule(users=("nobody",)),)
+    )
     assert check(cfg, ROOT).rule == "allow[0]"
 
 
@@ -139,7 +143,7 @@ def test_star_is_every_bridge() -> None:
 
 def test_deny_on_one_bridge_only() -> None:
     cfg = Config(
-        allow=(AllowRule(users=("root",)),),
+        allow=(AllowRule(users=("root",), bridges=("*",)),),
         deny=(DenyRule(users=("root",), bridges=("lan",)),),
     )
     assert "deny[0]" in denied(cfg, ROOT, "lan")
@@ -148,7 +152,7 @@ def test_deny_on_one_bridge_only() -> None:
 
 def test_the_first_matching_allow_rule_is_reported() -> None:
     cfg = allow(
-        AllowRule(users=("nobody",)),
+        AllowRule(users=("nobody",), bridges=("*",)),
         AllowRule(groups=("nogroup",), bridges=("br0",)),
         AllowRule(users=("1000",), bridges=("br0",)),
     )
@@ -158,7 +162,7 @@ def test_the_first_matching_allow_rule_is_reported() -> None:
 
 @pytest.mark.parametrize(("queues", "allowed"), [(1, True), (4, True), (5, False), (256, False)])
 def test_max_queues(queues: int, allowed: bool) -> None:
-    cfg = allow(AllowRule(users=("root",), max_queues=4))
+    cfg = allow(AllowRule(users=("root",), max_queues=4, bridges=("*",)))
     if allowed:
         decision = check(cfg, ROOT, queues=queues)
         assert (decision.rule, decision.max_queues) == ("allow[0]", 4)
@@ -169,13 +173,15 @@ def test_max_queues(queues: int, allowed: bool) -> None:
 
 
 def test_no_limits_means_any() -> None:
-    decision = check(allow(AllowRule(users=("root",))), ROOT, queues=256, held=10_000)
+    decision = check(
+        allow(AllowRule(users=("root",), bridges=("*",))), ROOT, queues=256, held=10_000
+    )
     assert (decision.max_queues, decision.max_taps) == (None, None)
 
 
 @pytest.mark.parametrize(("held", "allowed"), [(0, True), (2, True), (3, False), (7, False)])
 def test_max_taps(held: int, allowed: bool) -> None:
-    cfg = allow(AllowRule(users=("root",), max_taps=3))
+    cfg = allow(AllowRule(users=("root",), max_taps=3, bridges=("*",)))
     if allowed:
         assert check(cfg, ROOT, held=held).max_taps == 3
     else:
@@ -188,4 +194,7 @@ def test_max_taps(held: int, allowed: bool) -> None:
 
 @pytest.mark.parametrize(("group", "gid"), [("nogroup", 65534), ("root", 0), ("4242", 4242)])
 def test_tap_group_is_resolved_to_a_gid(group: str, gid: int) -> None:
-    assert check(allow(AllowRule(users=("root",), tap_group=group)), ROOT).tap_gid == gid
+    assert (
+        check(allow(AllowRule(users=("root",), tap_group=group, bridges=("*",))), ROOT).tap_gid
+        == gid
+    )

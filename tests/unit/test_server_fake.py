@@ -28,7 +28,7 @@ def config(programs: Programs, server: dict[str, Any] | None = None) -> Config:
         {
             "server": server or {},
             "programs": {"nft": programs.nft, "hooks": {"down": programs.hook("down")}},
-            "allow": [{"users": [str(os.getuid())]}],
+            "allow": [{"users": [str(os.getuid())], "bridges": ["*"]}],
         }
     )
 

@@ -52,7 +52,9 @@ def config(programs: Programs, taps: dict[str, Any] | None = None, **rule: Any) 
                     "broken": programs.hook("broken", status=3),
                 },
             },
-            "allow": [{"users": [str(os.getuid()), str(ALICE), str(BOB)], **rule}],
+            "allow": [
+                {"users": [str(os.getuid()), str(ALICE), str(BOB)], "bridges": ["*"], **rule}
+            ],
         }
     )
 
