@@ -22,7 +22,9 @@ byte reaches tapd.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 
 from . import scm, wire
 from .errors import ProtocolError
@@ -156,10 +158,30 @@ def connect_failed(where: str, exc: OSError) -> LocalError:
         # net/unix/af_unix.c unix_stream_connect(): EAGAIN once the listener's
         # backlog is full and the send timeout (or O_NONBLOCK) says not to wait.
         return Timeout(f"tapd at {where} did not take the connection in time (busy?)")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return Unreachable(
+            f"this user may not connect to tapd at {where} ({exc.strerror}): "
+            f"{_who_may(where)}; ask the administrator to add you to its group"
+        )
     return Unreachable(
         f"cannot connect to tapd at {where}: {exc.strerror or exc}; is tapd "
         f"running? (set --socket or ${ENV_SOCKET} if it listens elsewhere)"
     )
+
+
+def _who_may(where: str) -> str:
+    """Who may connect to the socket at ``where``, as far as this user can see."""
+    try:
+        st = os.stat(where)
+    except OSError:
+        return "the socket or a directory above it is closed to this user"
+    import grp  # only on this path: the clients' start stays lean
+
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return f"the socket is mode {stat.S_IMODE(st.st_mode):04o}, group {group}"
 
 
 def send_failed(exc: OSError) -> SendFailed:

@@ -7,8 +7,10 @@ fed what recvmsg would return, piece by piece.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -90,6 +92,18 @@ def test_client_errors_are_one_family() -> None:
     assert issubclass(tapctl.BadNetdev, client.LocalError)
     assert client.Timeout("x").code == "client-timeout"
     assert str(client.Unreachable("no")) == "no [unreachable]"
+
+
+def test_a_socket_this_user_may_not_connect_to_says_who_may(tmp_path: Path) -> None:
+    sock = tmp_path / "tapd.sock"
+    sock.touch()
+    sock.chmod(0o660)
+    denied = exchange.connect_failed(str(sock), PermissionError(errno.EACCES, "Permission denied"))
+    assert denied.code == "unreachable"
+    assert "may not connect" in str(denied) and "is tapd running" not in str(denied)
+    assert "mode 0660" in str(denied) and "group" in str(denied)
+    gone = exchange.connect_failed(str(sock), FileNotFoundError(errno.ENOENT, "No such file"))
+    assert "is tapd running?" in str(gone)
 
 
 # -- an exchange ------------------------------------------------------------------------
