@@ -202,9 +202,15 @@ def _print_reply(reply: dict[str, object], as_json: bool) -> None:
         f"mtu {reply.get('mtu', '-')} queues {reply.get('fds', 0)} "
         f"vhostfds {reply.get('vhostfds', 0)} vnet_hdr {'on' if reply.get('vnet_hdr') else 'off'}"
     )
+    _warn(reply)
+
+
+def _warn(reply: dict[str, object]) -> None:
+    """tapd's warnings (vhost asked for but unavailable, ...), on stderr: also
+    before a command runs, which would otherwise fail with no reason given."""
     warnings = reply.get("warnings")
     for warning in warnings if isinstance(warnings, list) else ():
-        print(f"warning: {warning}", file=sys.stderr)
+        print(f"tapctl: warning: {warning}", file=sys.stderr, flush=True)
 
 
 #: -netdev tap keys whose QAPI type is a number or a bool
@@ -289,6 +295,7 @@ def _request(args: argparse.Namespace) -> int:
         _print_reply(grant.reply, args.json)
         grant.close()
         return 0
+    _warn(grant.reply)
     argv = substitute(command, grant)
     for fd in grant.tap_fds + grant.vhost_fds:
         os.set_inheritable(fd, True)
@@ -325,6 +332,7 @@ def _prepare(args: argparse.Namespace) -> int:
                 "(removed as tapctl exits)"
             )
         return 0
+    _warn(reply)
     values = {"{ifname}": str(reply.get("ifname")), "{mac}": str(reply.get("guest_mac"))}
     argv = []
     for arg in command:

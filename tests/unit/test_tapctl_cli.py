@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from faketapd import LEASE, fake_tapd
+from faketapd import GRANT, LEASE, fake_tapd
 
 import tapd
 from tapd import tapctl
@@ -74,6 +74,24 @@ def test_every_verb_human_and_json(verb: list[str], human: str) -> None:
         assert parsed == LEASE
     elif verb[0] == "list":
         assert parsed == [LEASE]
+
+
+def test_tapds_warnings_reach_the_user_before_a_command_runs() -> None:
+    """Issue found in a new user's trial: `--vhost -- CMD vhostfds={vhostfds}`
+    failed with only "no such value", the reason (no /dev/vhost-net) lost."""
+    warning = "tap: open vhost char device failed: No such file or directory"
+    grant = {**GRANT, "fds": 2, "warnings": [warning]}
+    with fake_tapd(request=grant) as fake:
+        ran = run(TAPCTL, "--socket", fake.path, "request", "--br", "br0", "--", "true")
+        failed = run(
+            TAPCTL, "--socket", fake.path, "request", "--br", "br0", "--vhost",
+            "--", "echo", "vhostfds={vhostfds}",
+        )  # fmt: skip
+    assert ran.returncode == 0
+    assert ran.stderr == f"tapctl: warning: {warning}\n"
+    assert failed.returncode == 1
+    assert failed.stderr.splitlines()[0] == f"tapctl: warning: {warning}"
+    assert "[no-such-fd]" in failed.stderr.splitlines()[1]
 
 
 def test_daemon_errors_keep_their_code() -> None:
