@@ -168,6 +168,14 @@ class QuotaExceeded(Denied):
     code = "quota-exceeded"
 
 
+class CoolingOff(Denied):
+    """One of the requester's taps on that bridge was taken from it lately
+    for changing its address again and again (``lease.revoked``); it gets no
+    tap there until the cool-off ends."""
+
+    code = "cooling-off"
+
+
 class GuestMacInUse(ClientError):
     """The guest MAC asked for belongs to a live lease already, or to the
     bridge (its own, a port's, or a learnt neighbour's address)."""

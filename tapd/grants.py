@@ -18,7 +18,7 @@ from typing import Any
 
 from . import programs
 from .config import Config
-from .errors import Denied, InvalidValue, QuotaExceeded, TapdError
+from .errors import CoolingOff, Denied, InvalidValue, QuotaExceeded, TapdError
 from .fence import Fence, check_guest_ips, choose_mac
 from .leases import Lease, LeaseTerms, new_id
 from .lifecycle import Grant, Lifecycle
@@ -112,6 +112,13 @@ class Granter:
             held = self.lifecycle.registry.held_by(peer.uid) + self._making[peer.uid]
             decision = self.policy.check(peer, what.bridge, what.queues, held)
             self._within_max_taps(peer)
+            left = self.lifecycle.cooling_off(peer.uid, what.bridge)
+            if left is not None:
+                raise CoolingOff(
+                    f"a tap of uid {peer.uid} on bridge {what.bridge!r} was taken from it "
+                    "for changing its address again and again (to addresses not its "
+                    f"own); uid {peer.uid} gets no tap there for another {left:.0f} s"
+                ).about(rule=decision.rule, seconds=round(left))
             log = log.bind(rule=decision.rule)
             if decision.fence.mac_filtering and not mac_known:
                 raise Denied(

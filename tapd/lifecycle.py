@@ -64,6 +64,9 @@ from .worker import KernelWorker
 #: all the time, tapd's reset notwithstanding.
 READDRESS_STRIKES = 3
 READDRESS_WINDOW = 60.0
+#: ... and its uid gets no tap on that bridge for this long after (a new tap
+#: would otherwise give it three more resets at once, again and again)
+READDRESS_COOL_OFF = 60.0
 
 
 @dataclass
@@ -157,6 +160,10 @@ class Lifecycle:
         self._readdressing = _OnePerTap()
         #: when tapd put each leased tap's address back (within the window)
         self._resets: dict[int, list[float]] = {}
+        #: (uid, bridge) whose tap was revoked, and until when it gets none
+        self._cooling: dict[tuple[int, str], float] = {}
+        #: why tapd is removing a leased tap, for its lease's end
+        self._ending: dict[int, str] = {}
         self._resync_wanted = False
         self._nursery: trio.Nursery | None = None
         #: what reconcile() found, for the metrics: restored, orphaned
@@ -184,7 +191,7 @@ class Lifecycle:
         if kind is LinkEvent.ADDRESS:
             lease = self.registry.get(index)
             if lease is not None:
-                self._spawn(self._readdress, lease)
+                self._spawn(self._readdress, index)
             return
         if kind is LinkEvent.REMOVED:
             lease = self.registry.pop(index)
@@ -236,6 +243,9 @@ class Lifecycle:
         self._orphans.discard(lease.ifindex)
         self._stuck.discard(lease.ifindex)
         self._resets.pop(lease.ifindex, None)
+        if reason == "tap-removed":
+            reason = self._ending.pop(lease.ifindex, reason)
+        self._ending.pop(lease.ifindex, None)
         self.log.info(
             "lease.ended", lease=lease.id, ifname=lease.ifname, uid=lease.uid, reason=reason
         )
@@ -270,7 +280,7 @@ class Lifecycle:
 
     # -- tap addresses ---------------------------------------------------------
 
-    async def _readdress(self, lease: Lease) -> None:
+    async def _readdress(self, index: int) -> None:
         """Put back a leased tap's address after its holder changed it.
 
         A VMM may set its tap's address through its fd (SIOCSIFHWADDR needs
@@ -286,6 +296,11 @@ class Lifecycle:
         again (a holder may change its address in a loop)."""
 
         async def once() -> bool:
+            # The lease now on the tap (a tap given back may be adopted again
+            # meanwhile: the new lease's change is looked at, not dropped).
+            lease = self.registry.get(index)
+            if lease is None:
+                return False
             try:
                 await self._readdress_once(lease)
             except Exception:
@@ -294,8 +309,7 @@ class Lifecycle:
                 )
             return True
 
-        index = lease.ifindex
-        await self._readdressing.run(index, lambda: self.registry.get(index) is lease, once)
+        await self._readdressing.run(index, lambda: self.registry.get(index) is not None, once)
 
     async def _readdress_once(self, lease: Lease) -> None:
         found = await self.worker.run(self.netlink.port_address, lease.ifindex)
@@ -306,6 +320,8 @@ class Lifecycle:
             mac = random_mac()
             if not await self.worker.run(self.netlink.set_address, lease.ifindex, mac):
                 return
+            if self.registry.get(lease.ifindex) is not lease:
+                return  # ended meanwhile: nothing to count against it
             self.log.warning(
                 "lease.address.reset",
                 lease=lease.id,
@@ -324,6 +340,7 @@ class Lifecycle:
                     resets=READDRESS_STRIKES,
                     seconds=READDRESS_WINDOW,
                 )
+                self._cool_off(lease.uid, lease.bridge)
                 try:
                     await self.release(lease, "revoked")
                 except Exception:
@@ -332,6 +349,18 @@ class Lifecycle:
         # before tapd looked), what it displaced on the way is still missing.
         if master is not None:
             await self._restore_static_entries(lease.bridge, master)
+
+    def _cool_off(self, uid: int, bridge: str) -> None:
+        now = trio.current_time()
+        for key in [k for k, until in self._cooling.items() if until <= now]:
+            del self._cooling[key]
+        self._cooling[(uid, bridge)] = now + READDRESS_COOL_OFF
+
+    def cooling_off(self, uid: int, bridge: str) -> float | None:
+        """Seconds before ``uid`` may have a tap on ``bridge`` again, after
+        one of its taps there was revoked; None if it may now."""
+        left = self._cooling.get((uid, bridge), 0.0) - trio.current_time()
+        return left if left > 0 else None
 
     def _strike(self, index: int) -> int:
         """Count a reset of tap ``index``'s address: how many in the window."""
@@ -383,7 +412,7 @@ class Lifecycle:
         for lease in self.registry.visible_to(0):
             address = addresses.get(lease.ifindex)
             if address is not None and not _tap_address(address):
-                self._spawn(self._readdress, lease)
+                self._spawn(self._readdress, lease.ifindex)
 
     # -- grants ----------------------------------------------------------------
 
@@ -614,10 +643,18 @@ class Lifecycle:
         if lease.adopted:
             await self._give_back(lease, reason)
             return
-        removed = await self.worker.run(self.netlink.delete, lease.ifindex)
+        # Its RTM_DELLINK ends the lease, with this reason.
+        self._ending[lease.ifindex] = reason
+        try:
+            removed = await self.worker.run(self.netlink.delete, lease.ifindex)
+        except BaseException:
+            self._ending.pop(lease.ifindex, None)
+            raise
         # Already gone and its event not yet here: end it now.
-        if not removed and self.registry.pop(lease.ifindex) is not None:
-            self._ended(lease, reason)
+        if not removed:
+            self._ending.pop(lease.ifindex, None)
+            if self.registry.pop(lease.ifindex) is not None:
+                self._ended(lease, reason)
 
     # -- restart ---------------------------------------------------------------
 

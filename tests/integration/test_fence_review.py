@@ -338,6 +338,11 @@ def test_a_tap_holder_that_takes_a_fenced_guests_mac_in_a_loop_loses_its_tap(
         assert (revoked["ifname"], revoked["reason"]) == (other.ifname, "readdressed")
         resets = [e for e in locked.log() if e.get("event") == "lease.address.reset"]
         assert len(resets) == READDRESS_STRIKES
+        # A new tap would bring three more resets at once: its uid gets none
+        # on that bridge for the cool-off.
+        with pytest.raises(client.ClientError) as refused:
+            locked.request(br="br0")
+        assert refused.value.code == "cooling-off", refused.value
         assert [x["id"] for x in locked.leases()] == [victim.reply["lease"]]
         wait_until(
             lambda: (

@@ -20,7 +20,7 @@ from fakes import FakeKernel, Programs, Stack, peer, process, stack
 
 from tapd import lifecycle, owner
 from tapd.config import Config
-from tapd.errors import KernelError, TapLeased
+from tapd.errors import CoolingOff, KernelError, TapLeased
 from tapd.fence import ifb_name
 from tapd.leases import LeaseTerms
 from tapd.lifecycle import Grant
@@ -351,8 +351,17 @@ async def test_a_tap_readdressed_again_and_again_is_taken_from_its_holder(
         (revoked,) = s.log.named("lease.revoked")
         assert (revoked["ifname"], revoked["reason"]) == (g.lease.ifname, "readdressed")
         assert index not in s.kernel.links
-        assert ended(s)[0]["lease"] == g.lease.id
+        assert [(e["lease"], e["reason"]) for e in ended(s)] == [(g.lease.id, "revoked")]
         for fd in held:
+            os.close(fd)
+        # Its uid gets no new tap on that bridge for the cool-off, then does.
+        with pytest.raises(CoolingOff) as refused:
+            await grant(s, os.getpid())
+        assert refused.value.code == "cooling-off" and "br0" in refused.value.message
+        await trio.sleep(lifecycle.READDRESS_COOL_OFF)
+        again = await grant(s, os.getpid())
+        assert again.lease is not None
+        for fd in delivered(again):
             os.close(fd)
 
 
@@ -376,4 +385,85 @@ async def test_an_adopted_tap_readdressed_again_and_again_is_given_back(
         link = s.kernel.links[index]  # the client's tap stays, off the bridge
         assert (link.master, link.alias, link.up) == (None, "", False)
         assert ended(s)[0]["reason"] == "revoked"
+        os.close(mine)
+
+
+class Gate:
+    """The lifecycle's worker, but held after tapd sets a tap's address, until
+    the test lets it go."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.reached = trio.Event()
+        self.go = trio.Event()
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        result = await self.inner.run(fn, *args)
+        if getattr(fn, "__name__", "") == "set_address" and not self.reached.is_set():
+            self.reached.set()
+            await self.go.wait()
+        return result
+
+
+async def adopt(s: Stack, fd: int) -> Grant:
+    who = peer(os.getpid())
+    try:
+        line = json.dumps({"op": "request", "br": "br0", "fd": "3"}).encode()
+        g = await s.service.handle(who, decode_request(line), [fd], s.log)
+    finally:
+        os.close(who.pidfd)
+    g.sent()
+    return g
+
+
+async def test_a_lease_that_ends_while_its_address_is_put_back_leaves_no_strike(
+    programs: Programs,
+) -> None:
+    async with stack(config(programs)) as s:
+        gate = Gate(s.lifecycle.worker)
+        s.lifecycle.worker = gate  # type: ignore[assignment]
+        g = await grant(s, os.getpid())
+        assert g.lease is not None
+        index = g.lease.ifindex
+        held = delivered(g)
+        s.kernel.links[index].address = "52:54:00:12:34:56"
+        s.kernel.emit(LinkEvent.ADDRESS, index)
+        await gate.reached.wait()  # the address is tapd's again; not yet counted
+        await s.lifecycle.release(g.lease)
+        await until(lambda: s.lifecycle.registry.get(index) is None)
+        gate.go.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert s.lifecycle._resets == {}
+        assert not s.log.named("lease.address.reset")
+        for fd in held:
+            os.close(fd)
+
+
+async def test_a_tap_adopted_again_has_its_own_address_change_put_back(
+    programs: Programs,
+) -> None:
+    """A look at lease A's tap is running when A is given back and the same
+    tap adopted as lease B, whose holder then changes the address: B's change
+    is put back, not dropped with A."""
+    async with stack(config(programs)) as s:
+        gate = Gate(s.lifecycle.worker)
+        s.lifecycle.worker = gate  # type: ignore[assignment]
+        mine = s.kernel.client_tap("vm0", owner=os.getuid())
+        a = await adopt(s, mine)
+        assert a.lease is not None
+        index = a.lease.ifindex
+        link = s.kernel.links[index]
+        link.address = "52:54:00:12:34:56"
+        s.kernel.emit(LinkEvent.ADDRESS, index)
+        await gate.reached.wait()
+        await s.lifecycle.release(a.lease)
+        b = await adopt(s, mine)
+        assert b.lease is not None and s.lifecycle.registry.get(index) is b.lease
+        link.address = "52:54:00:aa:bb:cc"  # B's holder
+        s.kernel.emit(LinkEvent.ADDRESS, index)
+        await trio.testing.wait_all_tasks_blocked()
+        gate.go.set()
+        await until(lambda: link.address.startswith("fe:"))
+        (reset,) = s.log.named("lease.address.reset")
+        assert (reset["lease"], reset["seen"]) == (b.lease.id, "52:54:00:aa:bb:cc")
         os.close(mine)
