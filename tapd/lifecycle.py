@@ -202,7 +202,7 @@ class Lifecycle:
         # owner that lives keeps its tap, persistent or not).
         lease = self.registry.get(index)
         if lease is not None and index in self._orphans and index not in self._stuck:
-            self._spawn(self._settle, lease)
+            self._spawn(self._settle, index)
 
     async def _resync_while_wanted(self) -> None:
         """Look again after an overrun; overruns during a look ask for
@@ -232,7 +232,7 @@ class Lifecycle:
                     ended += 1
                 elif lease.ifindex in self._orphans:
                     self._stuck.discard(lease.ifindex)
-                    await self._settle(lease)
+                    await self._settle(lease.ifindex)
                     settled += 1
             self.log.info("lease.resync.complete", known=len(known), ended=ended, settled=settled)
 
@@ -505,31 +505,38 @@ class Lifecycle:
         self._watches.pop(lease.ifindex, None)
         self.log.info("lease.owner.exited", lease=lease.id, ifname=lease.ifname, pid=lease.pid)
         self._orphans.add(lease.ifindex)
-        await self._settle(lease)
+        await self._settle(lease.ifindex)
 
     # -- the owner rule ---------------------------------------------------------
 
-    async def _settle(self, lease: Lease) -> None:
-        """Apply the owner rule to an orphan (see the module's docstring).
-        One settling per lease at a time; an event during it runs it again."""
+    async def _settle(self, index: int) -> None:
+        """Apply the owner rule to the orphan on tap ``index`` (see the
+        module's docstring).  One settling per tap at a time; an event during
+        it runs it again, for whichever lease the tap has by then (a tap given
+        back may be adopted again meanwhile)."""
+
+        def orphan() -> Lease | None:
+            return self.registry.get(index) if index in self._orphans else None
 
         async def once() -> bool:
+            lease = orphan()
+            if lease is None:
+                return False
             try:
                 await self._settle_once(lease)
             except Exception:
-                self._stuck.add(lease.ifindex)
+                self._stuck.add(index)
                 self.log.exception("lease.settle.failed", lease=lease.id, ifname=lease.ifname)
                 return False
             return True
 
-        index = lease.ifindex
-        await self._settling.run(
-            index, lambda: self.registry.get(index) is lease and index in self._orphans, once
-        )
+        await self._settling.run(index, lambda: orphan() is not None, once)
 
     async def _settle_once(self, lease: Lease) -> None:
         if lease.adopted:
             info = await self.worker.run(self.netlink.tun_info, lease.ifindex)
+            if self.registry.get(lease.ifindex) is not lease:
+                return  # ended meanwhile; the tap may be another lease's now
             if info is None:
                 self._vanished(lease)
             elif not info.held:

@@ -389,24 +389,25 @@ async def test_an_adopted_tap_readdressed_again_and_again_is_given_back(
 
 
 class Gate:
-    """The lifecycle's worker, but held after tapd sets a tap's address, until
-    the test lets it go."""
+    """The lifecycle's worker, but held after its first call of ``step`` (a
+    netlink method's name), until the test lets it go."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, step: str = "set_address") -> None:
         self.inner = inner
+        self.step = step
         self.reached = trio.Event()
         self.go = trio.Event()
 
     async def run(self, fn: Any, *args: Any) -> Any:
         result = await self.inner.run(fn, *args)
-        if getattr(fn, "__name__", "") == "set_address" and not self.reached.is_set():
+        if getattr(fn, "__name__", "") == self.step and not self.reached.is_set():
             self.reached.set()
             await self.go.wait()
         return result
 
 
-async def adopt(s: Stack, fd: int) -> Grant:
-    who = peer(os.getpid())
+async def adopt(s: Stack, fd: int, pid: int | None = None) -> Grant:
+    who = peer(os.getpid() if pid is None else pid)
     try:
         line = json.dumps({"op": "request", "br": "br0", "fd": "3"}).encode()
         g = await s.service.handle(who, decode_request(line), [fd], s.log)
@@ -467,3 +468,68 @@ async def test_a_tap_adopted_again_has_its_own_address_change_put_back(
         (reset,) = s.log.named("lease.address.reset")
         assert (reset["lease"], reset["seen"]) == (b.lease.id, "52:54:00:aa:bb:cc")
         os.close(mine)
+
+
+async def test_a_tap_adopted_again_while_its_old_orphan_settles_is_settled_too(
+    programs: Programs,
+) -> None:
+    """Lease A's owner is gone and its settling is under way when A is given
+    back and the tap adopted again as lease B, whose owner then goes too: B is
+    settled (given back), not left behind with A's finished run."""
+    async with stack(config(programs)) as s:
+        gate = Gate(s.lifecycle.worker, "tun_info")
+        s.lifecycle.worker = gate  # type: ignore[assignment]
+        mine = s.kernel.client_tap("vm0", owner=os.getuid())
+        with process() as vmm_a, process() as vmm_b:
+            a = await adopt(s, mine, vmm_a.pid)
+            assert a.lease is not None
+            index = a.lease.ifindex
+            vmm_a.kill()
+            await gate.reached.wait()  # A's settling has looked at the tap
+            await s.lifecycle.release(a.lease)
+            b = await adopt(s, mine, vmm_b.pid)
+            assert b.lease is not None and s.lifecycle.registry.get(index) is b.lease
+            os.close(mine)  # nobody holds it now; persistent, as a VMM might leave it
+            link = s.kernel.links[index]
+            link.persist = True
+            vmm_b.kill()
+            await until(lambda: [e["lease"] for e in s.log.named("lease.owner.exited")][-1:]
+                        == [b.lease.id])  # fmt: skip
+            await trio.testing.wait_all_tasks_blocked()
+            gate.go.set()
+            await until(lambda: s.lifecycle.registry.get(index) is None)
+        assert [(e["lease"], e["reason"]) for e in ended(s)] == [
+            (a.lease.id, "released"),
+            (b.lease.id, "owner-exited"),
+        ]
+        assert (link.master, link.alias) == (None, "")
+
+
+async def test_an_old_settling_does_not_give_back_the_taps_new_lease(
+    programs: Programs,
+) -> None:
+    """Lease A's settling found its tap unheld, and A was given back meanwhile
+    and the tap adopted again as lease B: A's settling must not take B's tap
+    off the bridge."""
+    async with stack(config(programs)) as s:
+        gate = Gate(s.lifecycle.worker, "tun_info")
+        s.lifecycle.worker = gate  # type: ignore[assignment]
+        mine = s.kernel.client_tap("vm0", owner=os.getuid())
+        with process() as vmm_a:
+            a = await adopt(s, mine, vmm_a.pid)
+            assert a.lease is not None
+            index = a.lease.ifindex
+            link = s.kernel.links[index]
+            link.persist = True
+            os.close(mine)  # unheld when A's settling looks
+            vmm_a.kill()
+            await gate.reached.wait()
+        await s.lifecycle.release(a.lease)
+        again = s.kernel.queue(link)
+        b = await adopt(s, again)
+        assert b.lease is not None
+        gate.go.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert s.lifecycle.registry.get(index) is b.lease
+        assert link.master is not None and link.alias, "B's tap was given back with A"
+        os.close(again)
