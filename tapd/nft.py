@@ -13,11 +13,13 @@ is not reused while the kernel hands out new ones.
   sender IP one of its IPv4 addresses (or 0.0.0.0, an RFC 5227 probe): no
   ARP reply for someone else's address;
 * IPv4: the source must be one of its addresses (a DHCP discover from
-  0.0.0.0 to port 67 passes);
+  0.0.0.0 to port 67 passes); a guest is no DHCP server (nothing from UDP
+  port 67: a rogue server's offer would name its own router and DNS);
 * IPv6: the source must be one of its addresses, the link-local address its
   MAC gives it (EUI-64) or unspecified (DAD), and a neighbour
   advertisement's target one of those: no ND answer for someone else's
-  address; a guest sends no router advertisement and no redirect;
+  address; a guest sends no router advertisement, no redirect and no
+  DHCPv6 server's reply (nothing from UDP port 547);
 * any other ethertype (VLAN tags included) is dropped.
 
 The documents are nft's JSON (libnftables-json(5)), which the ``nft`` tool
@@ -128,6 +130,10 @@ def lease_rules(ifindex: int, guest_mac: str | None, ips: tuple[str, ...]) -> di
         [_protocol("arp"), _match(_field("arp", "saddr ip"), "!=", {"set": [*v4, "0.0.0.0"]}),
          _DROP]
     )  # fmt: skip
+    # A guest is no DHCP server (a relay's or server's messages come from
+    # port 67, RFC 2131 section 4.1; DHCPv6's from 547, RFC 8415 section 7.2).
+    rules.append([_protocol("ip"), _match(_field("udp", "sport"), "==", 67), _DROP])
+    rules.append([_protocol("ip6"), _match(_field("udp", "sport"), "==", 547), _DROP])
     rules.append(
         [
             _match(_field("ip", "saddr"), "==", "0.0.0.0"),

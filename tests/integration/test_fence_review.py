@@ -493,6 +493,82 @@ ip_ranges = ["fd00:77:9::/64"]
             grant.close()
 
 
+# Counts frames on a device that carry each marker, for ``seconds``.
+HEAR = r"""
+import socket, sys, time
+sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))  # ETH_P_ALL
+sock.bind((sys.argv[1], 0))
+sock.settimeout(0.1)
+markers = sys.argv[3:]
+seen = dict.fromkeys(markers, 0)
+print("ready", flush=True)
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    try:
+        frame = sock.recv(65536)
+    except socket.timeout:
+        continue
+    for m in markers:
+        seen[m] += m.encode() in frame
+print(" ".join(f"{m}={n}" for m, n in seen.items()), flush=True)
+"""
+
+
+def _udp4(mac: bytes, src: str, sport: int, dport: int, payload: bytes) -> bytes:
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    header = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+        socket.inet_aton(src), socket.inet_aton("255.255.255.255"),
+    )  # fmt: skip
+    total = sum(struct.unpack("!10H", header))
+    total = (total & 0xFFFF) + (total >> 16)
+    header = header[:10] + struct.pack("!H", ~total & 0xFFFF) + header[12:]
+    return b"\xff" * 6 + mac + b"\x08\x00" + header + udp
+
+
+def _udp6(mac: bytes, src: str, sport: int, dport: int, payload: bytes) -> bytes:
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    dst = socket.inet_pton(socket.AF_INET6, "ff02::1")
+    header = struct.pack("!IHBB", 6 << 28, len(udp), 17, 64)
+    header += socket.inet_pton(socket.AF_INET6, src) + dst
+    return bytes.fromhex("333300000001") + mac + b"\x86\xdd" + header + udp
+
+
+def test_an_address_filtered_guest_is_no_dhcp_server(ns: str, br0: str, tmp_path: Path) -> None:
+    """A guest that answers DHCP (from port 67, or DHCPv6's 547) would hand
+    the host and its neighbours its own router and DNS: dropped, while the
+    same datagram from another port passes (the control)."""
+    config = """
+[[allow]]
+users = ["0"]
+bridges = ["br0"]
+ip_ranges = ["10.77.9.0/24", "fd00:77:9::/64"]
+"""
+    with run_daemon(ns, tmp_path, config) as daemon:
+        grant = daemon.request(br="br0", vnet_hdr=False, guest_ips=["10.77.9.5", "fd00:77:9::5"])
+        hear = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", HEAR, "br0", "2",
+             "control4", "offer4", "control6", "advertise6"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert hear.stdout is not None and hear.stdout.readline() == "ready\n"
+            assert grant.guest_mac is not None
+            mac = bytes.fromhex(grant.guest_mac.replace(":", ""))
+            fd = grant.tap_fds[0]
+            os.write(fd, _udp4(mac, "10.77.9.5", 1067, 68, b"control4"))
+            os.write(fd, _udp4(mac, "10.77.9.5", 67, 68, b"offer4"))
+            os.write(fd, _udp6(mac, "fd00:77:9::5", 1547, 546, b"control6"))
+            os.write(fd, _udp6(mac, "fd00:77:9::5", 547, 546, b"advertise6"))
+            heard = dict(x.split("=") for x in hear.stdout.readline().split())
+        finally:
+            hear.wait(timeout=10)
+            if hear.stdout is not None:
+                hear.stdout.close()
+            grant.close()
+    assert heard == {"control4": "1", "offer4": "0", "control6": "1", "advertise6": "0"}, heard
+
+
 # libvirt's session daemon in small: it makes the helper socket, gets the tap
 # through it (so it owns the lease), hands the tap to a child standing in for
 # QEMU, and exits under it, as an idle or restarted libvirtd does.

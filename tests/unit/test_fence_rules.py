@@ -233,9 +233,14 @@ def test_the_nft_document_holds_the_guest_to_its_addresses() -> None:
     doc = nft.lease_rules(41, "52:54:00:00:00:01", ("10.0.0.5", "fd00::5"))["nftables"]
     rules = [c["add"]["rule"] for c in doc if "rule" in c.get("add", {})]
     lease = [r for r in rules if r["chain"] == "lease-41"]
-    # ARP sender MAC, ARP sender IP, DHCP, IPv4 source, IPv6 source, no RA or
-    # redirect, ND target, other types
-    assert len(lease) == 8
+    # ARP sender MAC, ARP sender IP, no DHCP or DHCPv6 server, DHCP discover,
+    # IPv4 source, IPv6 source, no RA or redirect, ND target, other types
+    assert len(lease) == 10
+    servers = [r["expr"] for r in lease if "sport" in repr(r)]
+    assert [(e[1]["match"]["right"], e[-1]) for e in servers] == [
+        (67, {"drop": None}),
+        (547, {"drop": None}),
+    ]
     assert all(r["expr"][-1] in ({"drop": None}, {"accept": None}) for r in lease)
     text = repr(lease)
     assert "52:54:00:00:00:01" in text and "10.0.0.5" in text and "fd00::5" in text
