@@ -76,11 +76,29 @@ def test_a_guest_mac_cannot_take_the_bridges_own_address(locked: Daemon) -> None
     assert fdb(locked.ns, own) == before, "the bridge's own address moved to a guest's port"
 
 
-def test_a_guest_mac_cannot_take_a_neighbours_address(locked: Daemon) -> None:
-    ns = locked.ns
+def uplink(ns: str) -> None:
+    """A veth ``up0`` on br0 whose far end ``up1`` stands for the uplink,
+    once its port forwards.  Until then the bridge neither learns from it nor
+    takes a dynamic entry for it (EPERM: net/bridge/br_fdb.c fdb_add_entry()),
+    and the carrier that makes it forward arrives through linkwatch, which
+    may wait up to a second."""
     ip("-n", ns, "link", "add", "up0", "type", "veth", "peer", "name", "up1")
     ip("-n", ns, "link", "set", "up0", "master", "br0", "up")
     ip("-n", ns, "link", "set", "up1", "up")
+
+    def forwarding() -> bool:
+        out = subprocess.run(
+            ["bridge", "-n", ns, "-j", "link", "show", "dev", "up0"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        return any(e.get("state") == "forwarding" for e in json.loads(out))
+
+    wait_until(forwarding, what="the uplink's port to forward")
+
+
+def test_a_guest_mac_cannot_take_a_neighbours_address(locked: Daemon) -> None:
+    ns = locked.ns
+    uplink(ns)
     gateway = "52:54:00:00:00:01"  # the uplink's router, as the bridge learnt it
     subprocess.run(
         ["bridge", "-n", ns, "fdb", "add", gateway, "dev", "up0", "master", "dynamic"],
@@ -357,9 +375,7 @@ def test_a_tap_holder_that_takes_a_fenced_guests_mac_in_a_loop_loses_its_tap(
 
 def test_a_tap_holder_cannot_keep_the_routers_mac_as_its_tap_address(locked: Daemon) -> None:
     ns = locked.ns
-    ip("-n", ns, "link", "add", "up0", "type", "veth", "peer", "name", "up1")
-    ip("-n", ns, "link", "set", "up0", "master", "br0", "up")
-    ip("-n", ns, "link", "set", "up1", "up")
+    uplink(ns)
     gateway = "52:54:00:00:00:01"  # the uplink's router, as the bridge learnt it
     subprocess.run(
         ["bridge", "-n", ns, "fdb", "add", gateway, "dev", "up0", "master", "dynamic"],
@@ -615,9 +631,7 @@ sock.send(b"\xff" * 6 + bytes.fromhex(sys.argv[2].replace(":", "")) + b"\x88\xb5
 
 def test_a_learning_port_cannot_take_a_fenced_guests_mac(locked: Daemon) -> None:
     ns = locked.ns
-    ip("-n", ns, "link", "add", "up0", "type", "veth", "peer", "name", "up1")
-    ip("-n", ns, "link", "set", "up0", "master", "br0", "up")
-    ip("-n", ns, "link", "set", "up1", "up")
+    uplink(ns)
     victim = locked.request(br="br0")
     try:
         assert victim.guest_mac is not None
