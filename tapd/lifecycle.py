@@ -48,7 +48,7 @@ from pydantic import BaseModel
 from . import log as logging
 from . import nft, owner, programs, tun
 from .config import Config
-from .errors import TapLeased
+from .errors import TapdError, TapLeased
 from .fence import TAP_OCTET, Fence
 from .leases import Lease, Registry, parse_tag
 from .netlink import LinkEvent, Netlink, link_events
@@ -633,16 +633,53 @@ class Lifecycle:
             self.netlink.shape(index, fence.ingress, fence.egress)
 
     async def _refence(self, lease: Lease) -> None:
-        """A restarted tapd sets a restored lease's port flags again: they are
-        the kernel's state and normally still there, but nothing else may have
-        been fenced in their absence.  A tapd stopped between a fenced tap's
-        join and its grant left it down; fenced again, it may come up."""
+        """A restarted tapd sets a restored lease's fence again: it is the
+        kernel's state and normally still there, but nothing else may have
+        been fenced in its absence, and part of it may be gone (a flushed
+        nftables ruleset; a guest MAC another tap took while tapd was away).
+
+        Unlike a grant's :meth:`_fence`, one step failing does not stop the
+        others: the address filter is set even when the static FDB entry
+        cannot be (the address look after the restart puts that back).  A
+        tapd stopped between a fenced tap's join and its grant left it down;
+        it comes up only if every step held."""
+        fence = Fence.from_tag(lease.fence)
+        index = lease.ifindex
+        mac = lease.guest_mac if fence.mac_filtering else None
+        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("port", lambda: self.worker.run(self.netlink.set_port, index, fence.port_flags(), mac))
+        ]
+        if fence.shaped:
+            steps.append(
+                ("shaping", lambda: self.worker.run(
+                    self.netlink.shape, index, fence.ingress, fence.egress))
+            )  # fmt: skip
+        if fence.ip_filter:
+            document = nft.lease_rules(index, lease.guest_mac, lease.guest_ips)
+            steps.append(("filter", lambda: programs.run_nft(self.config.programs.nft, document)))
+        failed = []
+        for step, run in steps:
+            try:
+                await run()
+            except TapdError as exc:
+                failed.append(step)
+                self.log.warning(
+                    "lease.fence.failed", lease=lease.id, ifname=lease.ifname, step=step,
+                    error=str(exc),
+                )  # fmt: skip
+            except Exception:
+                failed.append(step)
+                self.log.exception(
+                    "lease.fence.failed", lease=lease.id, ifname=lease.ifname, step=step
+                )
+        if failed:
+            return
         try:
-            await self._fence(lease)
+            await self.worker.run(self.netlink.bring_up, index)
         except Exception:
-            self.log.exception("lease.fence.failed", lease=lease.id)
-        else:
-            self.log.info("lease.fence.restored", lease=lease.id, fence=lease.fence)
+            self.log.exception("lease.fence.failed", lease=lease.id, ifname=lease.ifname, step="up")
+            return
+        self.log.info("lease.fence.restored", lease=lease.id, fence=lease.fence)
 
     async def release(self, lease: Lease, reason: str = "released") -> None:
         """End a lease now: remove its tap even while a VM holds it; give a

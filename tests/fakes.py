@@ -679,10 +679,16 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def stack(config: Config, kernel: FakeKernel | None = None) -> AsyncIterator[Stack]:
-    """A running :class:`Stack`; ``kernel`` may hold taps already (a restart)."""
+async def stack(
+    config: Config,
+    kernel: FakeKernel | None = None,
+    fail: dict[str, BaseException] | None = None,
+) -> AsyncIterator[Stack]:
+    """A running :class:`Stack`; ``kernel`` may hold taps already (a restart),
+    and ``fail`` names netlink methods that raise from the start."""
     kernel = FakeKernel() if kernel is None else kernel
     netlink = FakeNetlink(kernel)
+    netlink.fail.update(fail or {})
     maker = FakeMaker(kernel)
     worker = InlineWorker()
     lifecycle = Lifecycle(

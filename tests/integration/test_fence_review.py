@@ -423,6 +423,61 @@ def test_a_tap_address_taken_while_tapd_was_away_is_put_back_at_start(
         victim.close()
 
 
+FILTERED_LOCKED = """
+[taps]
+guest_mac_prefix = "52:54:00"
+
+[[allow]]
+users = ["0"]
+bridges = ["br0"]
+mac_filtering = true
+ip_ranges = ["10.77.9.0/24"]
+"""
+
+
+def test_a_restart_after_a_flushed_ruleset_and_a_taken_mac_filters_the_guest_again(
+    ns: str, br0: str, tmp_path: Path
+) -> None:
+    """A trial's finding: with the ruleset flushed (nftables.service does on
+    restart) and the guest's MAC taken by another tap while tapd was away,
+    the restart's re-fence stopped at the FDB entry it could not add, and the
+    guest stayed without its address filter while listed as filtered."""
+    with run_daemon(ns, tmp_path, FILTERED_LOCKED) as first:
+        victim = first.request(br="br0", guest_ips=["10.77.9.5"])
+        other = first.request(br="br0", guest_ips=["10.77.9.6"])
+        first.stop(signal.SIGKILL)
+    try:
+        assert victim.guest_mac is not None
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "flush", "ruleset"], check=True)
+        set_tap_address(other.tap_fds[0], victim.guest_mac)
+        index = links(ns)[victim.ifname]["ifindex"]
+
+        def chains() -> str:
+            return subprocess.run(
+                ["ip", "netns", "exec", ns, "nft", "list", "ruleset"],
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+
+        again = tmp_path / "again"
+        again.mkdir()
+        with run_daemon(ns, again, FILTERED_LOCKED) as second:
+            wait_until(
+                lambda: f"chain lease-{index}" in chains(),
+                what="the victim's address filter to be set again",
+            )
+            wait_until(
+                lambda: (
+                    [e.get("ifname") for e in fdb(ns, victim.guest_mac or "")] == [victim.ifname]
+                ),
+                what="the victim's static entry to be back on its port",
+            )
+            failed = [e for e in second.log() if e.get("event") == "lease.fence.failed"]
+            assert all("exception" not in e for e in failed), failed
+    finally:
+        other.close()
+        victim.close()
+
+
 SHAPED_FILTERED = """
 [[allow]]
 users = ["0"]

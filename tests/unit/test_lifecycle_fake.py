@@ -20,8 +20,8 @@ from fakes import FakeKernel, Programs, Stack, peer, process, stack
 
 from tapd import lifecycle, owner
 from tapd.config import Config
-from tapd.errors import CoolingOff, KernelError, TapLeased
-from tapd.fence import ifb_name
+from tapd.errors import CoolingOff, GuestMacInUse, KernelError, TapLeased
+from tapd.fence import Fence, ifb_name
 from tapd.leases import LeaseTerms
 from tapd.lifecycle import Grant
 from tapd.netlink import LinkEvent
@@ -253,6 +253,35 @@ async def test_reconcile_restores_live_owners_and_settles_orphans(
             kernel.sweep()
             await until(lambda: s.lifecycle.registry.get(held_orphan) is None)
             assert held_orphan not in kernel.links
+    finally:
+        kernel.close()
+
+
+async def test_a_restart_sets_every_part_of_a_fence_it_can_and_leaves_a_down_tap_down(
+    programs: Programs,
+) -> None:
+    """A trial: the nftables ruleset flushed and the guest MAC taken by
+    another tap while tapd was away.  The static FDB entry cannot be set
+    again (yet); the address filter must be, and a tap left down stays down."""
+    kernel = FakeKernel()
+    me, start = os.getpid(), owner.starttime(os.getpid())
+    assert start is not None
+    fence = Fence(mac_filtering=True, ip_filter=True).tag()
+    index = _tag(
+        kernel, "vm0", me, start, fence=fence, guest_mac="52:54:00:00:00:05",
+        guest_ips=("10.0.0.5",),
+    )  # fmt: skip
+    kernel.links[index].up = False
+    taken = GuestMacInUse("guest_mac 52:54:00:00:00:05 is already known to the bridge")
+    try:
+        async with stack(config(programs), kernel, fail={"set_port": taken}) as s:
+            assert s.lifecycle.registry.get(index) is not None
+            (failed,) = [e for e in s.log.events if e.event == "lease.fence.failed"]
+            assert failed.level == "warning" and failed.fields["step"] == "port"
+            assert "already known" in failed.fields["error"]
+            assert any(f"lease-{index}" in d for d in programs.nft_documents())
+            assert not s.log.named("lease.fence.restored")
+            assert kernel.links[index].up is False
     finally:
         kernel.close()
 
