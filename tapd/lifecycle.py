@@ -602,6 +602,8 @@ class Lifecycle:
             await programs.run_nft(self.config.programs.nft, nft.remove_lease(ifindex))
         except Exception as exc:
             self.log.warning("lease.unfilter.failed", ifindex=ifindex, error=str(exc))
+        else:
+            self.log.info("lease.unfiltered", ifindex=ifindex)
 
     async def _unfilter_orphans(self) -> None:
         path = self.config.programs.nft

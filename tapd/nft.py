@@ -182,11 +182,20 @@ def lease_rules(ifindex: int, guest_mac: str | None, ips: tuple[str, ...]) -> di
 
 
 def remove_lease(ifindex: int) -> dict[str, Any]:
-    """The transaction that takes a lease's chain away (its map entry first)."""
+    """The transaction that takes a lease's chain away (its map entry first).
+
+    It holds whether they are there or not (a flushed ruleset, an earlier
+    removal): each is added first, which does nothing to one that exists, so
+    that its deletion cannot fail for want of it, and nft's "No such file or
+    directory" never reaches the log for a filter already gone."""
+    chain = chain_name(ifindex)
     return {
         "nftables": [
+            *_base(),
+            {"add": {"chain": {**_T, "name": chain}}},
+            {"add": {"element": {**_T, "name": MAP, "elem": [[ifindex, _jump(chain)]]}}},
             {"delete": {"element": {**_T, "name": MAP, "elem": [ifindex]}}},
-            {"delete": {"chain": {**_T, "name": chain_name(ifindex)}}},
+            {"delete": {"chain": {**_T, "name": chain}}},
         ]
     }
 

@@ -478,6 +478,26 @@ def test_a_restart_after_a_flushed_ruleset_and_a_taken_mac_filters_the_guest_aga
         victim.close()
 
 
+def test_a_filter_already_gone_ends_with_its_lease_quietly(
+    ns: str, br0: str, tmp_path: Path
+) -> None:
+    """The ruleset flushed under a live lease: its end finds no chain to
+    remove, which is no failure for the admin's log to show."""
+    with run_daemon(ns, tmp_path, FILTERED_LOCKED) as daemon:
+        grant = daemon.request(br="br0", guest_ips=["10.77.9.5"])
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "flush", "ruleset"], check=True)
+        grant.close()
+        wait_until(lambda: daemon.leases() == [], what="the lease to end")
+        removal = ("lease.unfiltered", "lease.unfilter.failed")
+        wait_until(
+            lambda: any(e.get("event") in removal for e in daemon.log()),
+            what="the filter's removal",
+        )
+        assert [e["event"] for e in daemon.log() if e.get("event") in removal] == [
+            "lease.unfiltered"
+        ]
+
+
 SHAPED_FILTERED = """
 [[allow]]
 users = ["0"]

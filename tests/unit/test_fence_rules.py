@@ -247,9 +247,9 @@ def test_the_nft_document_holds_the_guest_to_its_addresses() -> None:
     assert "0xfd000000000000000000000000000005" in text  # the ND target, as a raw integer
     # the link-local address the guest's MAC gives it, and no other
     assert "fe80::5054:ff:fe00:1" in text and "fe80::/10" not in text
-    removal = nft.remove_lease(41)["nftables"]
-    assert removal[0]["delete"]["element"]["elem"] == [41]
-    assert removal[1]["delete"]["chain"]["name"] == "lease-41"
+    removal = [c["delete"] for c in nft.remove_lease(41)["nftables"] if "delete" in c]
+    assert removal[0]["element"]["elem"] == [41]
+    assert removal[1]["chain"]["name"] == "lease-41"
 
 
 def test_a_filtering_rule_holds_requested_guest_macs_to_the_prefix() -> None:
