@@ -267,7 +267,8 @@ class Granter:
                 ifname=made.ifname,
                 mac=made.mac,
                 guest_mac=lease.guest_mac,
-                fence=lease.fence or None,
+                guest_ips=list(lease.guest_ips) or None,
+                fence=Fence.from_tag(lease.fence).describe() if lease.fence else None,
                 warnings=made.warnings or None,
             )
 

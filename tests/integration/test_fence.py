@@ -89,7 +89,8 @@ def test_a_fenced_grant_is_locked_to_its_guest_mac_and_isolated(fenced: Daemon) 
         (lease,) = fenced.leases()
         assert lease["guest_mac"] == mac and lease["fence"] == grant.reply["fence"]
         (granted,) = [e for e in fenced.log() if e["event"] == "request.granted"]
-        assert granted["guest_mac"] == mac and granted["fence"] == "M-I-F0"
+        assert granted["guest_mac"] == mac and granted["fence"] == grant.reply["fence"]
+        assert granted.get("guest_ips") is None  # none asked for
     finally:
         grant.close()
     wait_until(lambda: taps(fenced.ns) == [], what="the tap to go with its fds")
@@ -354,6 +355,9 @@ def test_an_address_filtered_grant_passes_only_its_guest_ips(
             assert "ip saddr != 10.77.9.5 drop" in rules
             assert "fd00:77:9::5" in rules
             assert grant.reply["guest_ips"] == ["10.77.9.5", "fd00:77:9::5"]
+            (granted,) = [e for e in daemon.log() if e["event"] == "request.granted"]
+            assert granted["guest_ips"] == grant.reply["guest_ips"]
+            assert granted["fence"] == grant.reply["fence"]
             with pytest.raises(client.ClientError) as exc:
                 daemon.request(br="br0", guest_ips=["10.77.9.5"])
             assert exc.value.code == "guest-ip-in-use"
