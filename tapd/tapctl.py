@@ -197,10 +197,13 @@ def _print_reply(reply: dict[str, object], as_json: bool) -> None:
         print(json.dumps(reply))
         return
     # An adopted tap's reply (fd=/fds=) may say less: print what it says.
+    ips = reply.get("guest_ips")
     print(
         f"{reply.get('ifname')}: bridge {reply.get('bridge')} mac {reply.get('mac', '-')} "
         f"mtu {reply.get('mtu', '-')} queues {reply.get('fds', 0)} "
         f"vhostfds {reply.get('vhostfds', 0)} vnet_hdr {'on' if reply.get('vnet_hdr') else 'off'}"
+        + (f" guest_mac {reply['guest_mac']}" if reply.get("guest_mac") else "")
+        + (f" guest_ips {','.join(map(str, ips))}" if isinstance(ips, list) and ips else "")
     )
     _warn(reply)
 

@@ -76,6 +76,16 @@ def test_every_verb_human_and_json(verb: list[str], human: str) -> None:
         assert parsed == [LEASE]
 
 
+def test_the_request_line_names_the_guest_mac_and_addresses() -> None:
+    """The MAC the user must give the guest's NIC, on the line tapctl prints
+    (a shared-bridge trial found it only under --json)."""
+    grant = {**GRANT, "guest_mac": "52:54:00:12:34:56", "guest_ips": ["10.0.0.5", "fd00::5"]}
+    with fake_tapd(request=grant) as fake:
+        out = run(TAPCTL, "--socket", fake.path, "request", "--br", "br0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip().endswith("guest_mac 52:54:00:12:34:56 guest_ips 10.0.0.5,fd00::5")
+
+
 def test_tapds_warnings_reach_the_user_before_a_command_runs() -> None:
     """Issue found in a new user's trial: `--vhost -- CMD vhostfds={vhostfds}`
     failed with only "no such value", the reason (no /dev/vhost-net) lost."""
