@@ -60,6 +60,11 @@ _DRAWS = 64
 #: static one too (net/bridge/br_fdb.c: fdb_add_local()).  tapd puts back any
 #: tap address outside this octet (tapd.lifecycle), so guest MACs stay out of it.
 TAP_OCTET = 0xFE
+#: The first two octets of every address tapd gives a tap: the octet after
+#: 0xFE narrows what tapd takes for its own, so that a holder that sets its
+#: tap to some other 0xFE address (a neighbour's across the uplink; libvirt's
+#: host-side taps are fe:54:..., Xen's fe:ff:...) is put back too.
+TAP_PREFIX = bytes([TAP_OCTET, 0x7A])
 
 
 def parse_mac(text: str, what: str = "guest_mac") -> str:

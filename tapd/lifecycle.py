@@ -49,7 +49,7 @@ from . import log as logging
 from . import nft, owner, programs, tun
 from .config import Config
 from .errors import TapdError, TapLeased
-from .fence import TAP_OCTET, Fence
+from .fence import TAP_PREFIX, Fence
 from .leases import Lease, Registry, parse_tag
 from .netlink import LinkEvent, Netlink, link_events
 from .owner import Owner
@@ -747,4 +747,4 @@ class Lifecycle:
 
 def _tap_address(mac: str) -> bool:
     """Whether ``mac`` is an address tapd gives a tap (tapd.taps.random_mac)."""
-    return mac.startswith(f"{TAP_OCTET:02x}:")
+    return mac.startswith(":".join(f"{b:02x}" for b in TAP_PREFIX) + ":")

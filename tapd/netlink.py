@@ -34,7 +34,7 @@ from pyroute2.netlink.rtnl import RTMGRP_LINK
 
 from . import log, tun
 from .errors import BridgeNotFound, GuestMacInUse, KernelError, NotABridge, kernel_error
-from .fence import TAP_OCTET, ifb_name, ifb_tap
+from .fence import TAP_PREFIX, ifb_name, ifb_tap
 
 
 @dataclass(frozen=True)
@@ -684,7 +684,7 @@ class Netlink:
 # <linux/filter.h>: classic BPF, to drop events tapd does not need in the kernel
 _BPF_INSN = struct.Struct("=HBBI")
 _BPF_LD_W_ABS, _BPF_LD_H_ABS, _BPF_LD_B_ABS = 0x20, 0x28, 0x30
-_BPF_LD_W_IND, _BPF_LD_B_IND = 0x40, 0x50
+_BPF_LD_W_IND, _BPF_LD_H_IND = 0x40, 0x48
 _BPF_LD_IMM, _BPF_LDX_IMM, _BPF_TAX = 0x00, 0x01, 0x07
 _BPF_JEQ_K, _BPF_JSET_K, _BPF_RET_K = 0x15, 0x45, 0x06
 SO_ATTACH_FILTER = 26
@@ -775,8 +775,8 @@ def _only_link_ends(sock: socket.socket) -> None:
         (_BPF_LD_W_ABS, 0, 0, _SKF_NLATTR),
         (_BPF_JEQ_K, "drop", 0, 0),
         (_BPF_TAX, 0, 0, 0),
-        (_BPF_LD_B_IND, 0, 0, _NLATTR.size),  # the address's first octet
-        (_BPF_JEQ_K, "drop", 0, TAP_OCTET),
+        (_BPF_LD_H_IND, 0, 0, _NLATTR.size),  # the address's first two octets
+        (_BPF_JEQ_K, "drop", 0, int.from_bytes(TAP_PREFIX, "big")),
         (_BPF_LD_IMM, 0, 0, _IFLA_AT),  # ...and a tun device
         (_BPF_LDX_IMM, 0, 0, IFLA_LINKINFO),
         (_BPF_LD_W_ABS, 0, 0, _SKF_NLATTR),
@@ -884,7 +884,7 @@ def _foreign_port_address(attrs: bytes) -> bool:
         offset += (length + 3) & ~3
     if not master or not address:
         return False
-    return address[0] != TAP_OCTET
+    return address[: len(TAP_PREFIX)] != TAP_PREFIX
 
 
 def _drain(raw: socket.socket, on_event: LinkCallback) -> None:

@@ -27,7 +27,7 @@ from .errors import (
     Unsupported,
     VhostUnavailable,
 )
-from .fence import TAP_OCTET
+from .fence import TAP_PREFIX
 from .netlink import Bridge, Netlink, TapLink, TunInfo
 
 
@@ -114,7 +114,7 @@ class MadeTap:
 
 
 def random_mac() -> str:
-    """A locally administered unicast address whose first byte is 0xFE.
+    """A locally administered unicast address starting fe:7a (TAP_PREFIX).
 
     A bridge takes the lowest address among its ports as its own unless it has
     one set; 0xFE keeps the address tapd gives a tap from becoming that, and
@@ -123,7 +123,7 @@ def random_mac() -> str:
     bridge's own address (:meth:`tapd.netlink.Netlink.bridge`), and puts back
     any other address a tap takes (:meth:`tapd.lifecycle.Lifecycle._readdress`).
     """
-    return ":".join(f"{b:02x}" for b in bytes([TAP_OCTET]) + secrets.token_bytes(5))
+    return ":".join(f"{b:02x}" for b in TAP_PREFIX + secrets.token_bytes(4))
 
 
 #: how often to draw a new name when a generated one is already taken

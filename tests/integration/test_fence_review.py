@@ -373,19 +373,30 @@ def test_a_tap_holder_that_takes_a_fenced_guests_mac_in_a_loop_loses_its_tap(
         victim.close()
 
 
-def test_a_tap_holder_cannot_keep_the_routers_mac_as_its_tap_address(locked: Daemon) -> None:
+@pytest.mark.parametrize(
+    "gateway",
+    [
+        "52:54:00:00:00:01",
+        # an fe: neighbour (the trial's: tapd once took any fe: address for its own)
+        "fe:aa:bb:cc:dd:ee",
+    ],
+)
+def test_a_tap_holder_cannot_keep_the_routers_mac_as_its_tap_address(
+    locked: Daemon, gateway: str
+) -> None:
     ns = locked.ns
     uplink(ns)
-    gateway = "52:54:00:00:00:01"  # the uplink's router, as the bridge learnt it
+    # the uplink's router, as the bridge learnt it
     subprocess.run(
         ["bridge", "-n", ns, "fdb", "add", gateway, "dev", "up0", "master", "dynamic"],
         check=True,
     )
     other = locked.request(br="br0")
     try:
+        assert links(ns)[other.ifname]["address"].startswith("fe:7a:")
         set_tap_address(other.tap_fds[0], gateway)
         wait_until(
-            lambda: links(ns)[other.ifname]["address"].startswith("fe:"),
+            lambda: links(ns)[other.ifname]["address"].startswith("fe:7a:"),
             what="tapd to give the tap an address of its own again",
         )
         # the bridge learns the router again from its next frame; until then

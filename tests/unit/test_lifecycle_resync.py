@@ -112,7 +112,7 @@ async def test_a_tap_address_changed_while_events_were_lost_is_put_back() -> Non
                 while not netlink.address_looks:  # the look at start, with no lease yet
                     await trio.sleep(0.01)
             netlink.links |= {1, 2}
-            netlink.addresses_now.update({1: "fe:00:00:00:00:01", 2: "fe:00:00:00:00:02"})
+            netlink.addresses_now.update({1: "fe:7a:00:00:00:01", 2: "fe:7a:00:00:00:02"})
             victim = _lease(1, guest_mac=victim_mac, fence=Fence(mac_filtering=True).tag())
             lifecycle.begin(victim, os.pidfd_open(os.getpid()))
             lifecycle.begin(_lease(2), os.pidfd_open(os.getpid()))
@@ -124,8 +124,8 @@ async def test_a_tap_address_changed_while_events_were_lost_is_put_back() -> Non
                 while (1, victim_mac) not in netlink.statics:
                     await trio.sleep(0.01)
             assert [call[:2] for call in netlink.set_calls] == [("address", 2), ("static", 1)]
-            assert netlink.addresses_now[2].startswith("fe:")
-            assert netlink.addresses_now[1] == "fe:00:00:00:00:01"
+            assert netlink.addresses_now[2].startswith("fe:7a:")
+            assert netlink.addresses_now[1] == "fe:7a:00:00:00:01"
             nursery.cancel_scope.cancel()
     finally:
         worker.close()

@@ -61,7 +61,9 @@ def test_what_is_reported(kind: int, family: int, flags: int, expected: list[obj
         (UP | LOWER_UP, _port("525400aabbcc"), [(LinkEvent.ADDRESS, 7)]),
         (0, _port("525400aabbcc"), [(LinkEvent.ADDRESS, 7)]),  # down: still a port
         (UP, _port("525400aabbcc"), [(LinkEvent.IDLE, 7), (LinkEvent.ADDRESS, 7)]),
-        (UP | LOWER_UP, _port("fe5400aabbcc"), []),  # an address tapd gives taps
+        (UP | LOWER_UP, _port("fe7a00aabbcc"), []),  # an address tapd gives taps
+        # another fe: address (a neighbour's, libvirt's fe:54:..): not tapd's
+        (UP | LOWER_UP, _port("fe5400aabbcc"), [(LinkEvent.ADDRESS, 7)]),
         (UP | LOWER_UP, _port("525400aabbcc", master=False), []),  # nobody's port
     ],
 )
