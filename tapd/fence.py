@@ -266,6 +266,31 @@ class Fence:
         return out
 
 
+def check_not_the_hosts(ips: tuple[str, ...], host: list[tuple[str, int]], bridge: str) -> None:
+    """Refuse a guest address that is the host's own on the bridge (the
+    router's or the DNS's, to the other guests), or the network or broadcast
+    address of an IPv4 subnet the host has there."""
+    nets = [ipaddress.ip_interface(f"{address}/{length}") for address, length in host]
+    for text in ips:
+        address = ipaddress.ip_address(text)
+        for own in nets:
+            if address == own.ip:
+                raise GuestIpInUse(
+                    f"guest_ips: {address} is the host's own address on bridge {bridge!r} "
+                    "(its router or server, to the guests); give the guest another"
+                )
+            network = own.network
+            if (
+                address.version == 4 == network.version
+                and network.prefixlen < 31
+                and address in (network.network_address, network.broadcast_address)
+            ):
+                raise InvalidValue(
+                    f"guest_ips: {address} is the network or broadcast address of "
+                    f"{network}, the host's subnet on bridge {bridge!r}; no guest's"
+                )
+
+
 def check_guest_ips(
     wanted: list[str] | None, ranges: tuple[str, ...], rule: str, taken: Container[str]
 ) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ from typing import Any
 from . import programs
 from .config import Config
 from .errors import CoolingOff, Denied, InvalidValue, QuotaExceeded, TapdError
-from .fence import Fence, check_guest_ips, choose_mac
+from .fence import Fence, check_guest_ips, check_not_the_hosts, choose_mac
 from .leases import Lease, LeaseTerms, new_id
 from .lifecycle import Grant, Lifecycle
 from .log import Logger
@@ -126,6 +126,13 @@ class Granter:
                     f"({decision.rule} has mac_filtering), and QEMU's bridge helper protocol "
                     "cannot tell QEMU that MAC; use tapctl request ... -device ...,mac={mac}"
                 ).about(rule=decision.rule)
+            # Before the checks and the reservation below, between which
+            # nothing may wait: another request could take the same address.
+            host = None
+            if decision.ip_ranges and guest_ips:
+                host = await self.lifecycle.worker.run(
+                    self.lifecycle.netlink.host_addresses, what.bridge
+                )
             registry = self.lifecycle.registry
             taken = _Either(registry.guest_macs, self._reserved_macs)
             mac = choose_mac(
@@ -140,6 +147,8 @@ class Granter:
                 decision.rule,
                 _Either(registry.guest_ips, self._reserved_ips),
             )
+            if host is not None:
+                check_not_the_hosts(ips, host, what.bridge)
             terms = _Terms(decision, mac, ips)
             with self._reserved(peer.uid, mac, ips):
                 if isinstance(what, CreatePlan):

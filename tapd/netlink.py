@@ -246,6 +246,19 @@ class Netlink:
         self._bridges[name] = found
         return found
 
+    def host_addresses(self, name: str) -> list[tuple[str, int]]:
+        """The IP addresses (and prefix lengths) the host has on bridge
+        ``name``: the router's, the DNS's, whatever the host serves there."""
+        index = self.bridge(name).index
+        try:
+            return [
+                (str(msg.get("IFA_ADDRESS")), int(msg["prefixlen"]))
+                for msg in self._ip.get_addr(index=index)
+                if msg.get("IFA_ADDRESS")
+            ]
+        except NetlinkError as exc:
+            raise kernel_error(_oserror(exc), f"listing the addresses of bridge {name}") from None
+
     def _pin_address(self, bridge: Bridge, address: str) -> None:
         """Make the bridge's address its administrator's, at the value it has.
 

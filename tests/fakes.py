@@ -236,6 +236,8 @@ class FakeNetlink:
         self.kernel = kernel
         self.calls: list[tuple[str, Any]] = []
         self.fail: dict[str, BaseException] = {}
+        #: the host's own addresses on each bridge: (address, prefix length)
+        self.host: dict[str, list[tuple[str, int]]] = {}
 
     def _call(self, name: str, arg: Any = None) -> None:
         self.calls.append((name, arg))
@@ -260,6 +262,11 @@ class FakeNetlink:
     def addresses(self) -> dict[int, str]:
         self._call("addresses")
         return {i: link.address for i, link in self.kernel.links.items() if link.kind == "tun"}
+
+    def host_addresses(self, name: str) -> list[tuple[str, int]]:
+        self._call("host_addresses", name)
+        self.kernel.bridge(name)
+        return list(self.host.get(name, []))
 
     def port_address(self, index: int) -> tuple[str, int | None] | None:
         self._call("port_address", index)

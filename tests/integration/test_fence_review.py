@@ -509,6 +509,20 @@ def test_a_filter_already_gone_ends_with_its_lease_quietly(
         ]
 
 
+def test_a_guest_is_not_given_the_hosts_address_on_its_bridge(
+    ns: str, br0: str, tmp_path: Path
+) -> None:
+    ip("-n", ns, "addr", "add", "10.77.9.1/24", "dev", "br0")
+    with run_daemon(ns, tmp_path, FILTERED_LOCKED) as daemon:
+        for address, code in [("10.77.9.1", "guest-ip-in-use"), ("10.77.9.255", "invalid-value")]:
+            with pytest.raises(client.ClientError) as refused:
+                daemon.request(br="br0", guest_ips=[address])
+            assert refused.value.code == code, refused.value
+        granted = daemon.request(br="br0", guest_ips=["10.77.9.2"])  # another is granted
+        assert granted.reply["guest_ips"] == ["10.77.9.2"]
+        granted.close()
+
+
 SHAPED_FILTERED = """
 [[allow]]
 users = ["0"]

@@ -333,3 +333,29 @@ async def test_a_requester_that_is_gone_gets_no_tap(programs: Programs) -> None:
             await ask(s, who)
         assert not s.maker.calls
         os.close(who.pidfd)
+
+
+async def test_a_guest_may_not_have_the_hosts_address_on_the_bridge(programs: Programs) -> None:
+    """A shared-bridge trial: with ip_ranges = 10.10.0.0/24 a guest was given
+    10.10.0.1, the host's (router's) address on br0, and the subnet's
+    broadcast address."""
+    async with stack(config(programs, ip_ranges=["10.10.0.0/24", "fd00:10::/64"])) as s:
+        s.netlink.host["br0"] = [("10.10.0.1", 24), ("fd00:10::1", 64)]
+        who = peer(uid=ALICE)
+        try:
+            for address, code in [
+                ("10.10.0.1", "guest-ip-in-use"),
+                ("fd00:10::1", "guest-ip-in-use"),
+                ("10.10.0.255", "invalid-value"),
+                ("10.10.0.0", "invalid-value"),
+            ]:
+                with pytest.raises(TapdError) as refused:
+                    await ask(s, who, guest_ips=[address])
+                assert refused.value.code == code, (address, refused.value)
+                assert "br0" in refused.value.message
+            g = await ask(s, who, guest_ips=["10.10.0.5", "fd00:10::5"])
+            assert g.lease is not None and g.lease.guest_ips == ("10.10.0.5", "fd00:10::5")
+            await g.abandon()
+            assert not s.kernel.taps()
+        finally:
+            os.close(who.pidfd)
