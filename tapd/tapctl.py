@@ -535,7 +535,15 @@ def main(argv: list[str] | None = None) -> int:
         if qemus is not None:
             return _helper(*qemus)
         args = _parser().parse_args(argv)
-        return _VERBS[args.verb](args)
+        try:
+            return _VERBS[args.verb](args)
+        except client.CallError as exc:
+            if getattr(args, "json", False):
+                # --json's promise holds for a refusal too: the reply, as tapd
+                # words it, on stdout (the one line on stderr as ever).
+                error = {"code": exc.code, "message": exc.message}
+                print(json.dumps({"ok": False, "error": error}))
+            raise
 
     return _guarded("tapctl", run)
 

@@ -112,6 +112,15 @@ def test_daemon_errors_keep_their_code() -> None:
     assert one_line_no_traceback(out) == "tapctl: no br9 [bridge-not-found]\n"
 
 
+def test_a_refusal_with_json_is_json_on_stdout_too() -> None:
+    refusal = {"ok": False, "error": {"code": "bridge-not-found", "message": "no br9"}}
+    with fake_tapd(request=refusal) as fake:
+        out = run(TAPCTL, "--socket", fake.path, "request", "--br", "br9", "--json")
+    assert out.returncode == 1
+    assert json.loads(out.stdout) == refusal
+    assert one_line_no_traceback(out) == "tapctl: no br9 [bridge-not-found]\n"
+
+
 def test_an_unreachable_daemon_is_one_line(tmp_path: Path) -> None:
     out = run(TAPCTL, "--socket", str(tmp_path / "none"), "status")
     assert out.returncode == 1
