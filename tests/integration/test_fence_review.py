@@ -434,16 +434,7 @@ def test_a_tap_address_taken_while_tapd_was_away_is_put_back_at_start(
         victim.close()
 
 
-FILTERED_LOCKED = """
-[taps]
-guest_mac_prefix = "52:54:00"
-
-[[allow]]
-users = ["0"]
-bridges = ["br0"]
-mac_filtering = true
-ip_ranges = ["10.77.9.0/24"]
-"""
+FILTERED_LOCKED = LOCKED + 'ip_ranges = ["10.77.9.0/24"]\n'
 
 
 def test_a_restart_after_a_flushed_ruleset_and_a_taken_mac_filters_the_guest_again(
