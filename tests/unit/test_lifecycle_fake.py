@@ -555,6 +555,7 @@ async def test_an_old_settling_does_not_give_back_the_taps_new_lease(
             await gate.reached.wait()
         await s.lifecycle.release(a.lease)
         again = s.kernel.queue(link)
+        link.persist = False  # held again: as fresh as a client's tap (not root's) must be
         b = await adopt(s, again)
         assert b.lease is not None
         gate.go.set()
