@@ -615,36 +615,11 @@ class Lifecycle:
             if ifindex not in leased:
                 await self._unfilter(ifindex)
 
-    async def _fence(self, lease: Lease) -> None:
-        """Set the port flags, static FDB entry, shaping and address filter
-        ``lease``'s rule asks for, then bring its port up.  Idempotent."""
-        fence = Fence.from_tag(lease.fence)
-        await self.worker.run(self._fence_port, lease.ifindex, fence, lease.guest_mac)
-        if fence.ip_filter:
-            document = nft.lease_rules(lease.ifindex, lease.guest_mac, lease.guest_ips)
-            await programs.run_nft(self.config.programs.nft, document)
-        await self.worker.run(self.netlink.bring_up, lease.ifindex)
-
-    def _fence_port(self, index: int, fence: Fence, guest_mac: str | None) -> None:
-        """(Kernel thread.)  The port's flags, and with mac_filtering the
-        static FDB entry that lets ``guest_mac`` through the locked port; the
-        tap's rates.  One hop to the worker for both."""
-        mac = guest_mac if fence.mac_filtering else None
-        self.netlink.set_port(index, fence.port_flags(), mac)
-        if fence.shaped:
-            self.netlink.shape(index, fence.ingress, fence.egress)
-
-    async def _refence(self, lease: Lease) -> None:
-        """A restarted tapd sets a restored lease's fence again: it is the
-        kernel's state and normally still there, but nothing else may have
-        been fenced in its absence, and part of it may be gone (a flushed
-        nftables ruleset; a guest MAC another tap took while tapd was away).
-
-        Unlike a grant's :meth:`_fence`, one step failing does not stop the
-        others: the address filter is set even when the static FDB entry
-        cannot be (the address look after the restart puts that back).  A
-        tapd stopped between a fenced tap's join and its grant left it down;
-        it comes up only if every step held."""
+    def _fence_steps(self, lease: Lease) -> list[tuple[str, Callable[[], Awaitable[object]]]]:
+        """What ``lease``'s rule asks for, one named step each, in order: the
+        port's flags (with mac_filtering, the static FDB entry that lets its
+        guest_mac through the locked port), the tap's rates, the address
+        filter.  Each is idempotent."""
         fence = Fence.from_tag(lease.fence)
         index = lease.ifindex
         mac = lease.guest_mac if fence.mac_filtering else None
@@ -659,8 +634,28 @@ class Lifecycle:
         if fence.ip_filter:
             document = nft.lease_rules(index, lease.guest_mac, lease.guest_ips)
             steps.append(("filter", lambda: programs.run_nft(self.config.programs.nft, document)))
+        return steps
+
+    async def _fence(self, lease: Lease) -> None:
+        """Fence ``lease``'s tap, then bring its port up; the first step that
+        fails stops the grant."""
+        for _, step in self._fence_steps(lease):
+            await step()
+        await self.worker.run(self.netlink.bring_up, lease.ifindex)
+
+    async def _refence(self, lease: Lease) -> None:
+        """A restarted tapd sets a restored lease's fence again: it is the
+        kernel's state and normally still there, but nothing else may have
+        been fenced in its absence, and part of it may be gone (a flushed
+        nftables ruleset; a guest MAC another tap took while tapd was away).
+
+        Unlike a grant's :meth:`_fence`, one step failing does not stop the
+        others: the address filter is set even when the static FDB entry
+        cannot be (the address look after the restart puts that back).  A
+        tapd stopped between a fenced tap's join and its grant left it down;
+        it comes up only if every step held."""
         failed = []
-        for step, run in steps:
+        for step, run in self._fence_steps(lease):
             try:
                 await run()
             except TapdError as exc:
@@ -677,7 +672,7 @@ class Lifecycle:
         if failed:
             return
         try:
-            await self.worker.run(self.netlink.bring_up, index)
+            await self.worker.run(self.netlink.bring_up, lease.ifindex)
         except Exception:
             self.log.exception("lease.fence.failed", lease=lease.id, ifname=lease.ifname, step="up")
             return
