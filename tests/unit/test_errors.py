@@ -18,7 +18,7 @@ from tapd.netlink import Netlink
 from tapd.worker import KernelWorker
 
 KEBAB = re.compile(r"^[a-z]+(-[a-z]+)*$")
-README = Path(__file__).resolve().parents[2] / "README.md"
+PAGE = Path(__file__).resolve().parents[2] / "systemd" / "man" / "tapd-protocol.7"
 
 
 def tree(root: type[errors.TapdError]) -> list[type[errors.TapdError]]:
@@ -38,14 +38,15 @@ def make(cls: type[errors.TapdError]) -> errors.TapdError:
     return cls(f"something about {cls.__name__}")
 
 
-def readme_codes() -> set[str]:
-    """The codes in the first column of the README's Errors table."""
-    text = README.read_text()
-    section = text.split("\n### Errors\n", 1)[1].split("\n#", 1)[0]
+def page_codes() -> set[str]:
+    """The codes tapd-protocol(7)'s ERRORS section lists: the tag line of each
+    .TP entry, before the client libraries' subsection."""
+    text = PAGE.read_text()
+    section = text.split("\n.SH ERRORS\n", 1)[1].split("\n.S", 1)[0].splitlines()
     codes: set[str] = set()
-    for line in section.splitlines():
-        if line.startswith("| `"):
-            codes.update(re.findall(r"`([^`]+)`", line.split("|")[1]))
+    for before, tag in zip(section, section[1:]):
+        if before == ".TP":
+            codes.update(re.findall(r"\\fB(.*?)\\fR", tag.replace("\\-", "-")))
     return codes
 
 
@@ -53,7 +54,7 @@ def test_the_tree_is_not_trivially_small() -> None:
     # Guards the tests below against walking an empty tree.
     assert errors.KernelPermission in CONCRETE
     assert errors.LineTooLong in CONCRETE
-    assert len(readme_codes()) > 30
+    assert len(page_codes()) > 30
 
 
 def test_the_abstract_bases_are_these() -> None:
@@ -91,11 +92,11 @@ def test_no_two_classes_share_a_code() -> None:
     assert {code: names for code, names in by_code.items() if len(names) > 1} == {}
 
 
-def test_every_code_is_in_the_readme_and_every_readme_code_is_sent() -> None:
+def test_every_code_is_in_the_protocol_page_and_every_listed_code_is_sent() -> None:
     codes = {cls.code for cls in CONCRETE}
-    documented = readme_codes()
-    assert codes - documented == set(), "codes a reply may carry that the README does not list"
-    assert documented - codes == set(), "codes the README lists that no class carries"
+    documented = page_codes()
+    assert codes - documented == set(), "codes a reply may carry that tapd-protocol(7) does not list"
+    assert documented - codes == set(), "codes tapd-protocol(7) lists that no class carries"
 
 
 def test_no_code_on_the_wire_went() -> None:
