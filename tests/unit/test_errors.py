@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import re
 from pathlib import Path
@@ -44,7 +45,7 @@ def page_codes() -> set[str]:
     text = PAGE.read_text()
     section = text.split("\n.SH ERRORS\n", 1)[1].split("\n.S", 1)[0].splitlines()
     codes: set[str] = set()
-    for before, tag in zip(section, section[1:]):
+    for before, tag in itertools.pairwise(section):
         if before == ".TP":
             codes.update(re.findall(r"\\fB(.*?)\\fR", tag.replace("\\-", "-")))
     return codes
@@ -95,7 +96,9 @@ def test_no_two_classes_share_a_code() -> None:
 def test_every_code_is_in_the_protocol_page_and_every_listed_code_is_sent() -> None:
     codes = {cls.code for cls in CONCRETE}
     documented = page_codes()
-    assert codes - documented == set(), "codes a reply may carry that tapd-protocol(7) does not list"
+    assert codes - documented == set(), (
+        "codes a reply may carry that tapd-protocol(7) does not list"
+    )
     assert documented - codes == set(), "codes tapd-protocol(7) lists that no class carries"
 
 

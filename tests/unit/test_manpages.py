@@ -7,6 +7,7 @@ with groff without a warning."""
 from __future__ import annotations
 
 import ast
+import itertools
 import os
 import re
 import shutil
@@ -53,7 +54,7 @@ def sections(page: str, macro: str = "SH") -> dict[str, list[str]]:
 def tags(lines: list[str]) -> set[str]:
     """The words of every .TP entry's tag line."""
     words: set[str] = set()
-    for before, tag in zip(lines, lines[1:]):
+    for before, tag in itertools.pairwise(lines):
         if before.startswith(".TP"):
             words.update(re.findall(TOKEN, plain(tag)))
     return words
@@ -135,7 +136,7 @@ def _op_table() -> list[str]:
             targets = [node.target] if isinstance(node, ast.AnnAssign) else node.targets
             if any(isinstance(t, ast.Attribute) and t.attr == "_ops" for t in targets):
                 assert isinstance(node.value, ast.Dict)
-                return [k.value for k in node.value.keys if isinstance(k, ast.Constant)]
+                return [str(k.value) for k in node.value.keys if isinstance(k, ast.Constant)]
     raise AssertionError("service.py has no op table")
 
 
@@ -213,7 +214,7 @@ def local_codes() -> set[str]:
 def documented_codes() -> set[str]:
     """The tags of the ERRORS section, before its client-library subsection."""
     lines = section("tapd-protocol.7", "ERRORS")
-    return tags(lines[: next(i for i, l in enumerate(lines) if l.startswith(".SS"))])
+    return tags(lines[: next(i for i, line in enumerate(lines) if line.startswith(".SS"))])
 
 
 def test_every_wire_code_is_in_tapd_protocol_7_and_only_those() -> None:
@@ -243,6 +244,7 @@ def long_options(parser: typing.Any) -> set[str]:
 def verbs() -> dict[str, typing.Any]:
     parser = tapctl._parser()
     (sub,) = [a for a in parser._actions if a.choices and a.dest == "verb"]
+    assert isinstance(sub.choices, dict)
     return dict(sub.choices)
 
 
