@@ -279,7 +279,8 @@ def test_the_readme_installs_a_socket_activated_tapd_from_a_clone_under_root(
     # Documentation= names what the install put in place.
     docs = [doc.strip('"') for doc in box.show("tapd.service", "Documentation").split()]
     assert docs == ["man:tapd(8)", "man:tapd.toml(5)", "man:tapctl(1)"]
-    for section, page in (("8", "tapd"), ("5", "tapd.toml"), ("1", "tapctl")):
+    pages = (("8", "tapd"), ("5", "tapd.toml"), ("1", "tapctl"))
+    for section, page in (*pages, ("7", "tapd-protocol"), ("7", "tapd-security")):
         found = box.run("man", "-w", section, page).stdout.strip()
         where = box.run("readlink", "-f", found).stdout.strip()
         assert where == f"/usr/local/share/man/man{section}/{page}.{section}"
