@@ -4,6 +4,7 @@ import os
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
+import kstage
 import pytest
 from tapdtest import Daemon, ip, netns, run_daemon
 
@@ -12,8 +13,13 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TESTS = Path(__file__).resolve().parent
 
 #: what a directory's tests need, marked here once for all of them:
-#: ``tests/unit`` needs nothing (pure logic, runs as any user)
-NEEDS = {"integration": "root", "e2e": "e2e"}
+#: ``tests/unit`` needs nothing (pure logic, runs as any user); ``tests/kernel``
+#: runs inside Debian's own kernel, booted once for the session (tests/kstage.py)
+NEEDS = {"integration": "root", "e2e": "e2e", "kernel": "kernel_stage"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    kstage.configure(config)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -36,7 +42,7 @@ def require_root() -> None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     # Before any fixture is set up, a module-scoped one included.
-    if item.get_closest_marker("root") or item.get_closest_marker("e2e"):
+    if any(item.get_closest_marker(m) for m in ("root", "e2e", "kernel_stage")):
         require_root()
 
 
