@@ -274,6 +274,15 @@ class Fence:
             vlan_tagged=tagged,
         )
 
+    def on_wire(self) -> dict[str, bool | int] | None:
+        """:meth:`describe`, or None when the port is not fenced: a port that
+        only has VLANs shows them as the lease's own ``vlan``/``vlan_tagged``."""
+        return (
+            self.describe()
+            if self.wanted and self != Fence(vlan=self.vlan, vlan_tagged=self.vlan_tagged)
+            else None
+        )
+
     def describe(self) -> dict[str, bool | int]:
         """For the wire and the audit log: what this port may not do."""
         out: dict[str, bool | int] = {

@@ -65,7 +65,7 @@ def _reply(made: MadeTap, fds: int, lease: Lease) -> TapReply | PrepareReply:
         "mtu": made.mtu,
         "warnings": tuple(made.warnings),
         "guest_mac": lease.guest_mac,
-        "fence": Fence.from_tag(lease.fence).describe() if lease.fence else None,
+        "fence": Fence.from_tag(lease.fence).on_wire(),
         "guest_ips": lease.guest_ips or None,
         **vlans_to_wire(lease.fence),
     }
@@ -300,7 +300,7 @@ class Granter:
                 mac=made.mac,
                 guest_mac=lease.guest_mac,
                 guest_ips=list(lease.guest_ips) or None,
-                fence=Fence.from_tag(lease.fence).describe() if lease.fence else None,
+                fence=Fence.from_tag(lease.fence).on_wire(),
                 **{k: v for k, v in vlans_to_wire(lease.fence).items() if v is not None},
                 warnings=made.warnings or None,
             )

@@ -109,7 +109,7 @@ class Lease(LeaseTerms):
         wire: dict[str, Any] = {"id": self.id, "ifname": self.ifname, "ifindex": self.ifindex}
         wire.update(asdict(self))
         del wire["starttime"]
-        wire["fence"] = Fence.from_tag(self.fence).describe() if self.fence else None
+        wire["fence"] = Fence.from_tag(self.fence).on_wire()
         wire["guest_ips"] = self.guest_ips or None
         wire.update(vlans_to_wire(self.fence))
         return wire

@@ -151,6 +151,7 @@ async def test_a_granted_tap_is_in_its_vlan_alone_before_it_comes_up(programs: P
         g = await ask(s)
         assert isinstance(g.reply, TapReply) and g.lease is not None
         assert (g.reply.vlan, g.reply.vlan_tagged) == (10, None)
+        assert g.reply.fence is None  # VLANs alone fence nothing
         link = s.kernel.links[g.lease.ifindex]
         # The bridge's default VLAN 1 is gone; the port was down as it was set.
         assert link.vlans == {10: ACCESS} and link.vlans_set_up == [False]
@@ -189,6 +190,8 @@ async def test_mac_filtering_puts_the_static_entry_in_the_access_vlan(
         assert g.lease is not None
         link = s.kernel.links[g.lease.ifindex]
         assert (link.static_mac, link.static_vlan) == (g.lease.guest_mac, 10)
+        assert isinstance(g.reply, TapReply) and g.reply.fence is not None
+        assert g.reply.fence["mac_filtering"] is True and g.reply.vlan == 10
         # The step order: VLANs first, then flags and the entry, then up.
         steps = [c for c, i in s.netlink.calls if i == link.index]
         assert steps[-3:] == ["set_vlans", "set_port", "bring_up"]
