@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from .fence import DEFAULT_PREFIX, check_prefix, parse_rate
+from .fence import DEFAULT_PREFIX, check_prefix, parse_rate, trunk_tag
 from .options import ifname_problem
 from .tun import TUN_PATH
 from .wire import DEFAULT_SOCKET as DEFAULT_SOCKET  # where it was before clients shared it
@@ -207,6 +207,10 @@ def _vlans(value: object) -> object:
     return (value,) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+#: the most a trunk's VLANs may take in the lease tag (tapd.leases: the
+#: rest of a tag with every field at its longest leaves about this much)
+TRUNK_TAG_MAX = 64
+
 #: an 802.1Q VLAN id (0 and 4095 are reserved)
 VlanId = Annotated[int, Field(strict=True, ge=1, le=4094)]
 Vlans = Annotated[tuple[VlanId, ...], BeforeValidator(_vlans)]
@@ -300,6 +304,12 @@ class AllowRule(DenyRule):
             raise ValueError(
                 f"VLAN {', '.join(map(str, both))} is in both vlan and vlan_tagged: a port "
                 "carries a VLAN either untagged (vlan) or tagged (vlan_tagged), not both"
+            )
+        if len(trunk_tag(self.vlan_tagged)) > TRUNK_TAG_MAX:
+            raise ValueError(
+                "vlan_tagged names too many separate VLANs to record on each tap (its "
+                "interface alias holds 255 bytes); runs of consecutive ids cost one each, "
+                "so renumber them into fewer runs"
             )
         fences = [k for k in ("mac_filtering", "ip_ranges") if getattr(self, k)]
         if self.vlan_tagged and fences:

@@ -250,7 +250,7 @@ class Fence:
         if self.vlan is not None:
             parts.append(f"V{self.vlan}")
         if self.vlan_tagged:
-            parts.append("T" + ".".join(str(v) for v in self.vlan_tagged))
+            parts.append("T" + trunk_tag(self.vlan_tagged))
         return "-".join(parts)
 
     @classmethod
@@ -261,7 +261,7 @@ class Fence:
         rates = {p[0]: int(p[1:]) for p in parts if p[:1] in ("i", "o") and p[1:].isdigit()}
         vlan = next((_vid(p[1:]) for p in parts if p[:1] == "V"), None)
         trunk = next((p[1:] for p in parts if p[:1] == "T"), "")
-        tagged = tuple(v for v in (_vid(t) for t in trunk.split(".")) if v is not None)
+        tagged = _trunk_vids(trunk)
         return cls(
             mac_filtering="M" in parts,
             isolated="I" in parts,
@@ -312,6 +312,30 @@ def _vid(text: str) -> int | None:
     if not text.isascii() or not text.isdigit() or int(text) not in VLAN_IDS:
         return None
     return int(text)
+
+
+def trunk_tag(vids: tuple[int, ...]) -> str:
+    """A trunk's VLANs for the lease tag, runs of consecutive ids as ``a~b``
+    ("10~20.30"): an interface alias holds 255 bytes, and a trunk of 1-4094
+    must fit."""
+    runs: list[list[int]] = []
+    for vid in sorted(set(vids)):
+        if runs and vid == runs[-1][1] + 1:
+            runs[-1][1] = vid
+        else:
+            runs.append([vid, vid])
+    return ".".join(str(a) if a == b else f"{a}~{b}" for a, b in runs)
+
+
+def _trunk_vids(text: str) -> tuple[int, ...]:
+    """The VLANs of a :func:`trunk_tag`; what is no VLAN id or run is left out."""
+    found: list[int] = []
+    for part in text.split(".") if text else ():
+        first, _, last = part.partition("~")
+        a, b = _vid(first), _vid(last or first)
+        if a is not None and b is not None and a <= b:
+            found.extend(range(a, b + 1))
+    return tuple(sorted(set(found)))
 
 
 def choose_vlan(wanted: int | None, permitted: tuple[int, ...], rule: str) -> int | None:

@@ -266,6 +266,13 @@ class Granter:
             guest_ips=terms.guest_ips,
         )
         if not lease.fits():
+            if not terms.guest_ips:
+                # A trunk's VLANs are the only other field of any length.
+                raise InvalidValue(
+                    f"{terms.decision.rule}'s vlan_tagged and this request's downscript are "
+                    "too long together to record with the lease on the tap; ask the "
+                    "administrator for fewer runs of VLANs"
+                ).about(rule=terms.decision.rule)
             raise InvalidValue(
                 "guest_ips: too many or too long addresses to record with the lease; name fewer"
             )

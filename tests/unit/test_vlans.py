@@ -97,6 +97,18 @@ def test_the_lease_tag_carries_the_vlans_and_a_restart_reads_them() -> None:
     assert Fence(vlan=10).wanted and not Fence().vlans
 
 
+def test_a_trunk_of_every_vlan_fits_the_tag_and_scattered_ones_are_refused_at_load() -> None:
+    every = Fence(vlan_tagged=tuple(range(1, 4095)))
+    assert every.tag() == "T1~4094" and Fence.from_tag(every.tag()) == every
+    runs = Fence(vlan=5, vlan_tagged=(10, 11, 12, 20, 30, 31))
+    assert runs.tag() == "V5-T10~12.20.30~31" and Fence.from_tag(runs.tag()) == runs
+    (rule,) = parse(RULE + "vlan_tagged = [" + ", ".join(map(str, range(1, 4095))) + "]\n").allow
+    assert len(rule.vlan_tagged) == 4094
+    with pytest.raises(ConfigError, match="too many separate VLANs"):
+        parse(RULE + "vlan_tagged = [" + ", ".join(map(str, range(1, 400, 2))) + "]\n")
+    assert Fence.from_tag("T20~10.5~x.7").vlan_tagged == (7,)
+
+
 @pytest.mark.parametrize("part", ["V0", "V4095", "Vx", "V", "V\u0967\u0966"])
 def test_a_tag_with_no_vlan_id_sets_none(part: str) -> None:
     assert Fence.from_tag(f"I-{part}") == Fence(isolated=True)
