@@ -139,7 +139,8 @@ def request_tap(
     **options: Any,
 ) -> TapGrant:
     """Ask for a tap.  ``options`` are QEMU's ``-netdev tap`` keys (use
-    ``poll_us`` for ``poll-us``); None values are left out.  With ``fd=`` or
+    ``poll_us`` for ``poll-us``) and tapd's own (``guest_mac``, ``guest_ips``,
+    ``vlan``: the access VLAN, one the rule permits); None values are left out.  With ``fd=`` or
     ``fds=``, ``send_fds`` are the tap fds to attach, in the order named."""
     return tap_grant(*call(tap_request(options), path=path, fds=send_fds, timeout=timeout))
 
@@ -149,7 +150,7 @@ def prepare_tap(
 ) -> dict[str, Any]:
     """Ask for a persistent tap that the VMM opens itself by name (the
     ``prepare`` op): ``br``, and optionally ``ifname``, ``queues``,
-    ``vnet_hdr``, ``script``, ``downscript``, ``guest_mac``, ``guest_ips``.
+    ``vnet_hdr``, ``script``, ``downscript``, ``guest_mac``, ``guest_ips``, ``vlan``.
     The lease belongs to the calling process: the tap is removed when it
     exits, so exec the VMM from it (as ``tapctl prepare -- CMD`` does).
     Returns the reply."""

@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from .fence import DEFAULT_PREFIX, check_prefix, parse_rate
+from .fence import DEFAULT_PREFIX, check_prefix, parse_rate, trunk_tag
 from .options import ifname_problem
 from .tun import TUN_PATH
 from .wire import DEFAULT_SOCKET as DEFAULT_SOCKET  # where it was before clients shared it
@@ -201,6 +201,20 @@ def _ip_range(value: str) -> str:
 
 IpRange = Annotated[str, AfterValidator(_ip_range)]
 
+
+def _vlans(value: object) -> object:
+    """One VLAN id or a list of them; one is a list of one."""
+    return (value,) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+#: the most a trunk's VLANs may take in the lease tag (tapd.leases: the
+#: rest of a tag with every field at its longest leaves about this much)
+TRUNK_TAG_MAX = 64
+
+#: an 802.1Q VLAN id (0 and 4095 are reserved)
+VlanId = Annotated[int, Field(strict=True, ge=1, le=4094)]
+Vlans = Annotated[tuple[VlanId, ...], BeforeValidator(_vlans)]
+
 #: what clients name a helper or hook by (never a path)
 ProgramName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 Program = Annotated[str, AfterValidator(_program)]
@@ -271,6 +285,42 @@ class AllowRule(DenyRule):
     #: the networks a guest's addresses must come from: a request then names
     #: its guest's addresses (guest_ips), and the tap passes no other (nftables)
     ip_ranges: tuple[IpRange, ...] = ()
+    #: the access VLANs a tap this rule grants may be in, the first its
+    #: default (a request's vlan picks another): the port is an untagged
+    #: member of that one alone.  Needs a bridge with vlan_filtering.
+    vlan: Vlans = ()
+    #: VLANs every tap this rule grants carries tagged (a trunk)
+    vlan_tagged: Vlans = ()
+
+    @model_validator(mode="after")
+    def _vlans_make_sense(self) -> Self:
+        for key in ("vlan", "vlan_tagged"):
+            ids: tuple[int, ...] = getattr(self, key)
+            twice = sorted({v for v in ids if ids.count(v) > 1})
+            if twice:
+                raise ValueError(f"{key} names {', '.join(map(str, twice))} more than once")
+        both = sorted(set(self.vlan) & set(self.vlan_tagged))
+        if both:
+            raise ValueError(
+                f"VLAN {', '.join(map(str, both))} is in both vlan and vlan_tagged: a port "
+                "carries a VLAN either untagged (vlan) or tagged (vlan_tagged), not both"
+            )
+        if len(trunk_tag(self.vlan_tagged)) > TRUNK_TAG_MAX:
+            raise ValueError(
+                "vlan_tagged names too many separate VLANs to record on each tap (its "
+                "interface alias holds 255 bytes); runs of consecutive ids cost one each, "
+                "so renumber them into fewer runs"
+            )
+        fences = [k for k in ("mac_filtering", "ip_ranges") if getattr(self, k)]
+        if self.vlan_tagged and fences:
+            raise ValueError(
+                f"vlan_tagged (a trunk) cannot be fenced with {' or '.join(fences)}: those "
+                "hold a guest to one MAC and its addresses in its access VLAN, and a trunk's "
+                "guest (a router) sends in every tagged VLAN with addresses of each; give "
+                "the trunk a rule of its own without them (port_isolation and the limits "
+                "do apply to a trunk)"
+            )
+        return self
 
 
 class Config(_Section):
@@ -342,6 +392,11 @@ def _problem(error: Any) -> str:
         return 'missing: name the bridges it allows (bridges = ["br0"]), or "*" for every one'
     if kind == "missing":
         return "missing: this key is required"
+    if _VLAN_KEYS & {part for part in loc if isinstance(part, str)}:
+        if kind in ("tuple_type", "list_type", "int_type"):
+            return f"must be a VLAN id or an array of them, e.g. {_vlan_key(loc)} = [10, 20]"
+        if kind in ("greater_than_equal", "less_than_equal"):
+            return f"{error['input']} is no VLAN id: 1 to 4094 (0 and 4095 are reserved)"
     if kind in ("tuple_type", "list_type"):
         example = {"users": "alice", "groups": "kvm", "bridges": "br0"}.get(str(loc[-1]), "...")
         return f'must be an array, e.g. {loc[-1]} = ["{example}"]'
@@ -349,6 +404,13 @@ def _problem(error: Any) -> str:
         name = next((part for part in reversed(loc) if isinstance(part, str)), "")
         return "must be a string, in quotes" + _STRING_HINTS.get(name, "")
     return str(error["msg"]).removeprefix("Value error, ")
+
+
+_VLAN_KEYS = {"vlan", "vlan_tagged"}
+
+
+def _vlan_key(loc: tuple[int | str, ...]) -> str:
+    return next(str(part) for part in loc if part in _VLAN_KEYS)
 
 
 #: how to write the strings people most often leave unquoted

@@ -155,6 +155,13 @@ class Denied(ClientError):
     code = "denied"
 
 
+class VlanNotPermitted(Denied):
+    """The request's ``vlan`` is not one of the access VLANs its allow rule
+    permits."""
+
+    code = "vlan-not-permitted"
+
+
 class LeaseNotFound(ClientError):
     """No lease of yours by that id or name (another uid's leases are never
     acknowledged, not even by a different error)."""
@@ -219,6 +226,13 @@ class TapLeased(ClientError):
     code = "tap-leased"
 
 
+class VlanNotConfigured(ClientError):
+    """The request asked for a ``vlan`` and its allow rule puts its taps in
+    none: there is no VLAN to choose from, so the key cannot apply."""
+
+    code = "vlan-not-configured"
+
+
 class NotApplicable(ClientError):
     """A key that is valid for another op but cannot apply to this one (e.g.
     ``fd=`` with ``prepare``: a VMM that opens its tap by name has no fd)."""
@@ -277,6 +291,15 @@ class VhostUnavailable(SystemFault):
     """vhostforce=on, and the vhost-net device could not be opened."""
 
     code = "vhost-unavailable"
+
+
+class VlanFilteringOff(SystemFault):
+    """The allow rule puts its taps in VLANs, and their bridge does not filter
+    VLANs (``vlan_filtering`` 0): the port would be in every VLAN at once.
+    The host's setup, not the request, must change; tapd never turns VLAN
+    filtering on by itself, since that changes every port of the bridge."""
+
+    code = "vlan-filtering-off"
 
 
 class HookFailed(SystemFault):

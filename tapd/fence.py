@@ -15,6 +15,12 @@ and br_forward.c, should_deliver):
 * ``learning`` / ``flood``: the port's learning and unicast-flood flags as the
   admin sets them (``mac_filtering`` turns learning off by itself: a locked
   port that learns would let the guest add addresses).
+* ``vlan`` / ``vlan_tagged`` (on a bridge with ``vlan_filtering``): the port
+  is an untagged member of one access VLAN alone (its PVID, egress untagged;
+  the bridge's default VLAN taken off it), and a tagged member of each VLAN in
+  ``vlan_tagged`` (a trunk).  With VLAN filtering the FDB is per VLAN, so
+  ``mac_filtering``'s static entry goes in the access VLAN: that is the VLAN
+  a locked port looks a frame's source up in (br_handle_frame_finish()).
 * ``ingress_limit`` / ``egress_limit``: what the guest may receive and send,
   in bits a second, shaped with the kernel's token bucket filter (``tbf``).
   What the guest receives leaves the host through the tap, so its ``tbf`` is
@@ -43,6 +49,8 @@ from .errors import (
     GuestMacInUse,
     InvalidValue,
     NotApplicable,
+    VlanNotConfigured,
+    VlanNotPermitted,
 )
 
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
@@ -188,10 +196,20 @@ class Fence:
     egress: int | None = None  # from the guest
     #: the rule has ip_ranges: the tap passes only the lease's guest_ips (nft)
     ip_filter: bool = False
+    #: the access VLAN the port is an untagged member of (None: the bridge's
+    #: own default; a rule's VLANs are a choice, the lease's fence holds one)
+    vlan: int | None = None
+    #: VLANs the port carries tagged (a trunk)
+    vlan_tagged: tuple[int, ...] = ()
 
     @property
     def wanted(self) -> bool:
-        return bool(self.port_flags()) or self.shaped or self.ip_filter
+        return bool(self.port_flags()) or self.shaped or self.ip_filter or self.vlans
+
+    @property
+    def vlans(self) -> bool:
+        """The port's VLANs are tapd's to set (else the bridge's default)."""
+        return self.vlan is not None or bool(self.vlan_tagged)
 
     @property
     def shaped(self) -> bool:
@@ -229,6 +247,10 @@ class Fence:
             parts.append(f"o{self.egress}")
         if self.ip_filter:
             parts.append("P")
+        if self.vlan is not None:
+            parts.append(f"V{self.vlan}")
+        if self.vlan_tagged:
+            parts.append("T" + trunk_tag(self.vlan_tagged))
         return "-".join(parts)
 
     @classmethod
@@ -237,6 +259,9 @@ class Fence:
         learning = True if "L1" in parts else False if "L0" in parts else None
         flood = True if "F1" in parts else False if "F0" in parts else None
         rates = {p[0]: int(p[1:]) for p in parts if p[:1] in ("i", "o") and p[1:].isdigit()}
+        vlan = next((_vid(p[1:]) for p in parts if p[:1] == "V"), None)
+        trunk = next((p[1:] for p in parts if p[:1] == "T"), "")
+        tagged = _trunk_vids(trunk)
         return cls(
             mac_filtering="M" in parts,
             isolated="I" in parts,
@@ -245,6 +270,17 @@ class Fence:
             ingress=rates.get("i"),
             egress=rates.get("o"),
             ip_filter="P" in parts,
+            vlan=vlan,
+            vlan_tagged=tagged,
+        )
+
+    def on_wire(self) -> dict[str, bool | int] | None:
+        """:meth:`describe`, or None when the port is not fenced: a port that
+        only has VLANs shows them as the lease's own ``vlan``/``vlan_tagged``."""
+        return (
+            self.describe()
+            if self.wanted and self != Fence(vlan=self.vlan, vlan_tagged=self.vlan_tagged)
+            else None
         )
 
     def describe(self) -> dict[str, bool | int]:
@@ -264,6 +300,64 @@ class Fence:
         if self.ip_filter:
             out["ip_filtering"] = True
         return out
+
+
+#: IEEE 802.1Q: VLAN ids 0 and 4095 are reserved
+VLAN_IDS = range(1, 4095)
+
+
+def _vid(text: str) -> int | None:
+    """A VLAN id from a lease tag; None for anything else (a tag is read from
+    an interface alias, which anyone with CAP_NET_ADMIN may have written)."""
+    if not text.isascii() or not text.isdigit() or int(text) not in VLAN_IDS:
+        return None
+    return int(text)
+
+
+def trunk_tag(vids: tuple[int, ...]) -> str:
+    """A trunk's VLANs for the lease tag, runs of consecutive ids as ``a~b``
+    ("10~20.30"): an interface alias holds 255 bytes, and a trunk of 1-4094
+    must fit."""
+    runs: list[list[int]] = []
+    for vid in sorted(set(vids)):
+        if runs and vid == runs[-1][1] + 1:
+            runs[-1][1] = vid
+        else:
+            runs.append([vid, vid])
+    return ".".join(str(a) if a == b else f"{a}~{b}" for a, b in runs)
+
+
+def _trunk_vids(text: str) -> tuple[int, ...]:
+    """The VLANs of a :func:`trunk_tag`; what is no VLAN id or run is left out."""
+    found: list[int] = []
+    for part in text.split(".") if text else ():
+        first, _, last = part.partition("~")
+        a, b = _vid(first), _vid(last or first)
+        if a is not None and b is not None and a <= b:
+            found.extend(range(a, b + 1))
+    return tuple(sorted(set(found)))
+
+
+def choose_vlan(wanted: int | None, permitted: tuple[int, ...], rule: str) -> int | None:
+    """The access VLAN of a new lease: ``wanted`` if its rule permits it, the
+    rule's first (its default) when the request names none, None when the
+    rule puts its taps in no VLAN (then ``wanted`` cannot apply)."""
+    if not permitted:
+        if wanted is not None:
+            raise VlanNotConfigured(
+                f"vlan: {rule} puts its taps in no VLAN, so there is none to choose; "
+                "leave vlan out (or ask the administrator for a rule with vlan)"
+            ).about(rule=rule)
+        return None
+    if wanted is None:
+        return permitted[0]
+    if wanted not in permitted:
+        listed = ", ".join(str(v) for v in permitted)
+        raise VlanNotPermitted(
+            f"vlan: {wanted} is not a VLAN {rule} permits ({listed}); ask for one of "
+            f"those, or leave vlan out for {permitted[0]}"
+        ).about(rule=rule)
+    return wanted
 
 
 def check_not_the_hosts(ips: tuple[str, ...], host: list[tuple[str, int]], bridge: str) -> None:

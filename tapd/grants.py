@@ -10,6 +10,7 @@ delivery, undo and the tap's end are the lifecycle's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Container, Iterator
@@ -18,9 +19,9 @@ from typing import Any
 
 from . import programs
 from .config import Config
-from .errors import CoolingOff, Denied, InvalidValue, QuotaExceeded, TapdError
-from .fence import Fence, check_guest_ips, check_not_the_hosts, choose_mac
-from .leases import Lease, LeaseTerms, new_id
+from .errors import CoolingOff, Denied, InvalidValue, QuotaExceeded, TapdError, VlanFilteringOff
+from .fence import Fence, check_guest_ips, check_not_the_hosts, choose_mac, choose_vlan
+from .leases import Lease, LeaseTerms, new_id, vlans_to_wire
 from .lifecycle import Grant, Lifecycle
 from .log import Logger
 from .making import TapMaker
@@ -34,12 +35,13 @@ from .tun import close_all
 
 @dataclass(frozen=True)
 class _Terms:
-    """What a grant will be held to: the rule that decided, and the guest's
-    MAC and addresses."""
+    """What a grant will be held to: the rule that decided, the guest's MAC
+    and addresses, and the port's fence (the rule's, in the chosen VLAN)."""
 
     decision: Decision
     guest_mac: str
     guest_ips: tuple[str, ...]
+    fence: Fence
 
 
 class _Either:
@@ -63,8 +65,9 @@ def _reply(made: MadeTap, fds: int, lease: Lease) -> TapReply | PrepareReply:
         "mtu": made.mtu,
         "warnings": tuple(made.warnings),
         "guest_mac": lease.guest_mac,
-        "fence": Fence.from_tag(lease.fence).describe() if lease.fence else None,
+        "fence": Fence.from_tag(lease.fence).on_wire(),
         "guest_ips": lease.guest_ips or None,
+        **vlans_to_wire(lease.fence),
     }
     if lease.prepared:
         return PrepareReply(queues=lease.queues, **common)
@@ -103,10 +106,12 @@ class Granter:
         guest_mac: str | None = None,
         mac_known: bool = True,
         guest_ips: list[str] | None = None,
+        vlan: int | None = None,
     ) -> Grant:
         """A tap for ``peer`` as ``what`` says, leased to ``owner_`` (whose
         pidfd the lease takes; the caller closes ``owner_`` either way).
-        ``fds_in`` stay the caller's to close."""
+        ``fds_in`` stay the caller's to close.  ``vlan``: the access VLAN
+        asked for (None: the rule's default, if it has VLANs)."""
         log = log.bind(bridge=what.bridge, queues=what.queues)
         try:
             held = self.lifecycle.registry.held_by(peer.uid) + self._making[peer.uid]
@@ -126,6 +131,11 @@ class Granter:
                     f"({decision.rule} has mac_filtering), and QEMU's bridge helper protocol "
                     "cannot tell QEMU that MAC; use tapctl request ... -device ...,mac={mac}"
                 ).about(rule=decision.rule)
+            fence = dataclasses.replace(
+                decision.fence, vlan=choose_vlan(vlan, decision.vlans, decision.rule)
+            )
+            if fence.vlans:
+                await self._check_vlan_filtering(what.bridge, decision.rule)
             # Before the checks and the reservation below, between which
             # nothing may wait: another request could take the same address.
             host = None
@@ -149,7 +159,7 @@ class Granter:
             )
             if host is not None:
                 check_not_the_hosts(ips, host, what.bridge)
-            terms = _Terms(decision, mac, ips)
+            terms = _Terms(decision, mac, ips, fence)
             with self._reserved(peer.uid, mac, ips):
                 if isinstance(what, CreatePlan):
                     grant = await self._create(peer, what, terms, owner_, log)
@@ -163,6 +173,19 @@ class Granter:
             # Every refusal says, in the audit log, what was asked for.
             exc.about(bridge=what.bridge, queues=what.queues)
             raise
+
+    async def _check_vlan_filtering(self, bridge: str, rule: str) -> None:
+        """A rule with VLANs needs a bridge that filters them: on any other
+        the port's VLANs would be kept but never applied, and its guest
+        would reach every VLAN.  tapd never turns filtering on itself (it
+        changes what every port of the bridge may reach)."""
+        netlink = self.lifecycle.netlink
+        if not await self.lifecycle.worker.run(netlink.vlan_filtering, bridge):
+            raise VlanFilteringOff(
+                f"{rule} puts its taps in VLANs, and bridge {bridge!r} does not filter "
+                f"VLANs; the administrator turns it on with: ip link set {bridge} type "
+                "bridge vlan_filtering 1 (tapd never does)"
+            ).about(rule=rule)
 
     @contextlib.contextmanager
     def _reserved(self, uid: int, mac: str, ips: tuple[str, ...]) -> Iterator[None]:
@@ -239,10 +262,17 @@ class Granter:
             adopted=adopted,
             prepared=prepared,
             guest_mac=terms.guest_mac,
-            fence=terms.decision.fence.tag(),
+            fence=terms.fence.tag(),
             guest_ips=terms.guest_ips,
         )
         if not lease.fits():
+            if not terms.guest_ips:
+                # A trunk's VLANs are the only other field of any length.
+                raise InvalidValue(
+                    f"{terms.decision.rule}'s vlan_tagged and this request's downscript are "
+                    "too long together to record with the lease on the tap; ask the "
+                    "administrator for fewer runs of VLANs"
+                ).about(rule=terms.decision.rule)
             raise InvalidValue(
                 "guest_ips: too many or too long addresses to record with the lease; name fewer"
             )
@@ -277,7 +307,8 @@ class Granter:
                 mac=made.mac,
                 guest_mac=lease.guest_mac,
                 guest_ips=list(lease.guest_ips) or None,
-                fence=Fence.from_tag(lease.fence).describe() if lease.fence else None,
+                fence=Fence.from_tag(lease.fence).on_wire(),
+                **{k: v for k, v in vlans_to_wire(lease.fence).items() if v is not None},
                 warnings=made.warnings or None,
             )
 
@@ -335,7 +366,7 @@ class Granter:
             name_template=self.config.taps.name_template,
             vhost=self._vhost(what.vhost),
             alias=lease.tag(),
-            up=not decision.fence.wanted,
+            up=not terms.fence.wanted,
         )
         if what.persistent:
             made = await self.maker.prepare(spec)
@@ -375,7 +406,7 @@ class Granter:
             alias=lease.tag(),
             require_owner=None if peer.uid == 0 else peer.uid,
             leased=self.lifecycle.registry.indexes(),
-            up=not terms.decision.fence.wanted,
+            up=not terms.fence.wanted,
         )
         made = await self.maker.adopt(spec)
         # The client keeps its own tap fds; only vhost fds go back.
@@ -405,7 +436,7 @@ class Granter:
                 vhost=self._vhost(what.vhost),
                 alias=lease.tag(),
                 leased=self.lifecycle.registry.indexes(),
-                up=not decision.fence.wanted,
+                up=not terms.fence.wanted,
             )
             made = await self.maker.adopt(spec)
         except BaseException:

@@ -109,9 +109,16 @@ class Lease(LeaseTerms):
         wire: dict[str, Any] = {"id": self.id, "ifname": self.ifname, "ifindex": self.ifindex}
         wire.update(asdict(self))
         del wire["starttime"]
-        wire["fence"] = Fence.from_tag(self.fence).describe() if self.fence else None
+        wire["fence"] = Fence.from_tag(self.fence).on_wire()
         wire["guest_ips"] = self.guest_ips or None
+        wire.update(vlans_to_wire(self.fence))
         return wire
+
+
+def vlans_to_wire(fence: str) -> dict[str, Any]:
+    """A lease's VLANs as replies and list show them, from its fence tag."""
+    terms = Fence.from_tag(fence)
+    return {"vlan": terms.vlan, "vlan_tagged": terms.vlan_tagged or None}
 
 
 def parse_tag(ifindex: int, ifname: str, alias: str | None) -> Lease | None:

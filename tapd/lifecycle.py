@@ -390,7 +390,13 @@ class Lifecycle:
             if self.registry.get(lease.ifindex) is not lease:
                 continue
             try:
-                await self.worker.run(self.netlink.set_port, lease.ifindex, {}, lease.guest_mac)
+                await self.worker.run(
+                    self.netlink.set_port,
+                    lease.ifindex,
+                    {},
+                    lease.guest_mac,
+                    Fence.from_tag(lease.fence).vlan,
+                )
             except Exception:
                 self.log.exception("lease.fdb.restore.failed", lease=lease.id, ifname=lease.ifname)
             else:
@@ -623,9 +629,14 @@ class Lifecycle:
         fence = Fence.from_tag(lease.fence)
         index = lease.ifindex
         mac = lease.guest_mac if fence.mac_filtering else None
-        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
-            ("port", lambda: self.worker.run(self.netlink.set_port, index, fence.port_flags(), mac))
-        ]
+        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+        if fence.vlans:
+            # First: the static FDB entry goes in the access VLAN.
+            steps.append(("vlans", lambda: self._set_vlans(lease, fence)))
+        steps.append(
+            ("port", lambda: self.worker.run(
+                self.netlink.set_port, index, fence.port_flags(), mac, fence.vlan))
+        )  # fmt: skip
         if fence.shaped:
             steps.append(
                 ("shaping", lambda: self.worker.run(
@@ -635,6 +646,24 @@ class Lifecycle:
             document = nft.lease_rules(index, lease.guest_mac, lease.guest_ips)
             steps.append(("filter", lambda: programs.run_nft(self.config.programs.nft, document)))
         return steps
+
+    async def _set_vlans(self, lease: Lease, fence: Fence) -> None:
+        """The port's VLANs as its lease says; any it had otherwise (the
+        bridge's default on a fresh port; a change behind tapd's back on a
+        restored one) are put right."""
+        changed = await self.worker.run(
+            self.netlink.set_vlans, lease.ifindex, fence.vlan, fence.vlan_tagged
+        )
+        if changed and self.registry.get(lease.ifindex) is lease:
+            # A restored lease's port was changed while tapd was away.
+            self.log.warning(
+                "lease.vlans.repaired",
+                lease=lease.id,
+                ifname=lease.ifname,
+                vlan=fence.vlan,
+                vlan_tagged=list(fence.vlan_tagged) or None,
+                was=sorted(changed),
+            )
 
     async def _fence(self, lease: Lease) -> None:
         """Fence ``lease``'s tap, then bring its port up; the first step that

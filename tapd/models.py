@@ -70,8 +70,12 @@ GuestMac = Annotated[str, Field(min_length=1, max_length=32)]
 #: rule has ip_ranges (the tap passes no other source address)
 GuestIps = Annotated[list[Annotated[str, Field(max_length=45)]], Field(min_length=1, max_length=4)]
 
+#: tapd's own request key: the access VLAN the tap is to be in, one its allow
+#: rule permits (absent: the rule's first).  QEMU's tap has no such key.
+Vlan = Annotated[int, Field(ge=1, le=4094)]
+
 #: the keys of a request that are tapd's own, beside QAPI's NetdevTapOptions
-TAPD_REQUEST_KEYS = frozenset({"guest_mac", "guest_ips"})
+TAPD_REQUEST_KEYS = frozenset({"guest_mac", "guest_ips", "vlan"})
 
 
 class TapRequest(TapOptions):
@@ -80,6 +84,7 @@ class TapRequest(TapOptions):
     op: Literal["request"]
     guest_mac: GuestMac | None = None
     guest_ips: GuestIps | None = None
+    vlan: Vlan | None = None
 
 
 class PrepareRequest(TapOptions):
@@ -92,6 +97,7 @@ class PrepareRequest(TapOptions):
     op: Literal["prepare"]
     guest_mac: GuestMac | None = None
     guest_ips: GuestIps | None = None
+    vlan: Vlan | None = None
 
 
 class HelloRequest(_Frozen):
@@ -195,6 +201,10 @@ class TapReply(_Frozen):
     fence: dict[str, bool | int] | None = None
     #: the only source addresses the tap passes (when the rule has ip_ranges)
     guest_ips: tuple[str, ...] | None = None
+    #: the access VLAN the tap is an untagged member of, and those it carries
+    #: tagged (absent: the rule sets no VLANs)
+    vlan: int | None = None
+    vlan_tagged: tuple[int, ...] | None = None
 
 
 class PrepareReply(_Frozen):
@@ -215,6 +225,8 @@ class PrepareReply(_Frozen):
     guest_mac: str | None = None
     fence: dict[str, bool | int] | None = None
     guest_ips: tuple[str, ...] | None = None
+    vlan: int | None = None
+    vlan_tagged: tuple[int, ...] | None = None
 
 
 class LeaseInfo(_Frozen):
@@ -234,6 +246,8 @@ class LeaseInfo(_Frozen):
     guest_mac: str | None = None
     fence: dict[str, bool | int] | None = None
     guest_ips: tuple[str, ...] | None = None
+    vlan: int | None = None
+    vlan_tagged: tuple[int, ...] | None = None
 
 
 class ListReply(_Frozen):

@@ -1,6 +1,8 @@
 """Everything tapd asks of rtnetlink.
 
-With :mod:`tapd.tun` the only module that reaches the kernel.  :class:`Netlink`
+With :mod:`tapd.tun` (and this module's two parts of its own, :mod:`tapd.ports`
+for bridge ports and :mod:`tapd.shaping` for rates) the only module that
+reaches the kernel.  :class:`Netlink`
 is synchronous.  Its pyroute2 side (lookups, dumps, removals) runs only on the
 :class:`~tapd.worker.KernelWorker` thread, which owns the long-lived IPRoute
 (pyroute2 keeps per-thread state, and a dump may be large).  The per-tap
@@ -33,8 +35,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_LINK
 
 from . import log, tun
-from .errors import BridgeNotFound, GuestMacInUse, KernelError, NotABridge, kernel_error
-from .fence import TAP_PREFIX, ifb_name, ifb_tap
+from .errors import BridgeNotFound, NotABridge, kernel_error
+from .fence import TAP_PREFIX
+from .ports import BridgePorts
+from .shaping import Shaping
 
 
 @dataclass(frozen=True)
@@ -156,18 +160,6 @@ IFLA_LINKINFO = 18
 IFLA_IFALIAS = 20
 IFLA_INFO_KIND = 1  # inside IFLA_LINKINFO
 
-# <linux/neighbour.h>: a bridge FDB entry that points at a port (not the port
-# device's own table), and "static" as bridge(8) spells NUD_NOARP
-NTF_MASTER = 0x04
-NTF_STICKY = 0x40  # an entry learning on another port may not move
-NUD_NOARP = 0x40
-
-#: <linux/if_ether.h>: every protocol, for a filter that matches every frame
-ETH_P_ALL = 0x0003
-#: <linux/pkt_sched.h>: the parents of a device's root and ingress qdiscs
-_TC_H_ROOT = 0xFFFFFFFF
-_TC_H_INGRESS = 0xFFFFFFF1
-
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _NLATTR = struct.Struct("=HH")  # len, type
@@ -187,14 +179,7 @@ def _route_socket() -> socket.socket:
     return sock
 
 
-def _tbf(bits: int) -> dict[str, object]:
-    """tbf's parameters for ``bits`` a second: a bucket of 20 ms of traffic
-    (at least 16 KiB, so that a full-size frame and a timer tick at HZ=100
-    always fit) and 50 ms of queue before dropping."""
-    return {"rate": f"{bits}bit", "burst": max(16384, bits // 8 // 50), "latency": "50ms"}
-
-
-class Netlink:
+class Netlink(BridgePorts, Shaping):
     """rtnetlink for tapd.  Its sockets are made on first use: IPRoute in the
     worker thread (its only user), a raw socket in each thread that sends.
 
@@ -422,144 +407,6 @@ class Netlink:
             raise kernel_error(_oserror(exc), f"removing interface {index}") from None
         return True
 
-    def set_port(self, index: int, flags: dict[str, bool], static_mac: str | None) -> None:
-        """Bridge port flags (IFLA_BRPORT_* through IFLA_INFO_SLAVE_DATA, which
-        rtnetlink applies only to a port that already has its master) and a
-        static FDB entry for ``static_mac`` on that port (what ``bridge fdb
-        add MAC dev PORT master static`` does: NTF_MASTER, NUD_NOARP).
-
-        The entry is added, never replaced: net/bridge/br_fdb.c fdb_add_entry()
-        moves an existing entry to the new port and clears BR_FDB_LOCAL, so a
-        replace with the bridge's own address, another port's, or one the
-        bridge learnt (the uplink's router) would send that address's traffic
-        to this guest.  An address the bridge already knows is refused, unless
-        it is this port's own static entry (a restarted tapd fencing again)."""
-        try:
-            if flags:
-                self._ip.brport("set", index=index, **{k: int(v) for k, v in flags.items()})
-            if static_mac is not None:
-                try:
-                    # sticky: learning elsewhere (the uplink, an unfenced
-                    # port) never roams it (br_fdb_update(): BR_FDB_STICKY)
-                    self._ip.fdb(
-                        "add",
-                        ifindex=index,
-                        lladdr=static_mac,
-                        flags=NTF_MASTER | NTF_STICKY,
-                        state=NUD_NOARP,
-                    )
-                except NetlinkError as exc:
-                    if exc.code != errno.EEXIST:
-                        raise
-                    if not self._static_on(index, static_mac):
-                        raise GuestMacInUse(
-                            f"guest_mac {static_mac} is already known to the bridge (its own "
-                            "address, a port's, or a neighbour's it learnt); leave guest_mac "
-                            "out and tapd picks a free one"
-                        ) from None
-        except NetlinkError as exc:
-            raise kernel_error(_oserror(exc), f"fencing bridge port {index}") from None
-
-    def _static_on(self, index: int, mac: str) -> bool:
-        """Whether port ``index`` has a static FDB entry for ``mac``."""
-        return any(
-            entry.get("NDA_LLADDR") == mac
-            and entry["ifindex"] == index
-            and entry["state"] & NUD_NOARP
-            and entry.get("NDA_MASTER") is not None
-            for entry in self._ip.fdb("dump", ifindex=index)
-        )
-
-    def shape(self, index: int, ingress: int | None, egress: int | None) -> None:
-        """Token bucket filters for what the guest on tap ``index`` receives
-        (``ingress``, bits a second: the tap's root qdisc, since it leaves the
-        host through the tap) and sends (``egress``: redirected from the tap's
-        ingress to an ifb device of its own, whose root qdisc shapes it; this
-        kernel has no ingress policer).  Idempotent: a restarted tapd runs it
-        again."""
-        try:
-            if ingress is not None:
-                self._ip.tc("replace", "tbf", index=index, handle="1:", **_tbf(ingress))
-            if egress is None:
-                return
-            name = ifb_name(index)
-            ifb = self._ifb(name)
-            if ifb is None:
-                self._ip.link("add", ifname=name, kind="ifb")
-                ifb = self._ifb(name)
-                assert ifb is not None
-            self._ip.link("set", index=ifb, state="up")
-            self._ip.tc("replace", "tbf", index=ifb, handle="1:", **_tbf(egress))
-            # A fresh ingress qdisc each time, so the one redirect is never doubled.
-            self._del_qdisc(index, _TC_H_INGRESS)
-            self._ip.tc("add", "ingress", index=index, handle="ffff:")
-            self._ip.tc(
-                "add-filter",
-                "u32",
-                index=index,
-                parent="ffff:",
-                protocol=ETH_P_ALL,
-                prio=1,
-                keys=["0x0/0x0+0"],  # every frame
-                target=0x10001,  # a classid u32 requires; the redirect decides
-                action={"kind": "mirred", "direction": "egress", "action": "redirect",
-                        "ifindex": ifb},
-            )  # fmt: skip
-        except NetlinkError as exc:
-            raise kernel_error(_oserror(exc), f"shaping tap {index}") from None
-
-    def unshape(self, index: int, tap_too: bool = False) -> None:
-        """Remove the ifb that shaped tap ``index``'s guest (its qdiscs go with
-        the tap; ``tap_too``: the tap stays, so remove them as well)."""
-        if tap_too:
-            self._del_qdisc(index, _TC_H_ROOT)
-            self._del_qdisc(index, _TC_H_INGRESS)
-        with contextlib.suppress(KernelError, NetlinkError):
-            ifb = self._ifb(ifb_name(index))
-            if ifb is not None:
-                with contextlib.suppress(NetlinkError):
-                    self._ip.link("del", index=ifb)
-
-    def _ifb(self, name: str) -> int | None:
-        """The index of tapd's ifb device ``name``, None if there is none; an
-        interface of that name that is no ifb is never taken for one (what the
-        guest sends would be redirected to it)."""
-        try:
-            (msg,) = self._ip.link("get", ifname=name)
-        except NetlinkError as exc:
-            if exc.code == errno.ENODEV:
-                return None
-            raise
-        kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
-        if kind != "ifb":
-            raise KernelError(
-                f"interface {name!r} is a {kind or 'plain'} device where tapd shapes "
-                "through an ifb of that name; remove or rename it"
-            )
-        return int(msg["index"])
-
-    def _del_qdisc(self, index: int, parent: int) -> None:
-        """Remove the qdisc at ``parent`` (root or ingress), if there is one.
-        RTM_DELQDISC needs the parent (tc_get_qdisc(): "Classid cannot be
-        zero"); the kind is not asked for, so none is named."""
-        handle = "ffff:" if parent == _TC_H_INGRESS else "1:"
-        try:
-            self._ip.tc("del", index=index, handle=handle, parent=parent)
-        except NetlinkError as exc:
-            if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
-                raise
-
-    def orphan_ifbs(self) -> list[int]:
-        """Indexes of ifb devices tapd made for taps that are gone."""
-        links = {int(m["index"]): m for m in self._ip.link("dump")}
-        orphans = []
-        for index, msg in links.items():
-            tap = ifb_tap(str(msg.get("IFLA_IFNAME")))
-            kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
-            if tap is not None and tap not in links and kind == "ifb":
-                orphans.append(index)
-        return orphans
-
     def _link(self, index: int) -> Any | None:
         """pyroute2's message for interface ``index``, or None if there is none."""
         try:
@@ -670,18 +517,6 @@ class Netlink:
         if err:
             raise kernel_error(OSError(err, os.strerror(err)), f"readdressing interface {index}")
         return True
-
-    def static_entries(self, bridge: int) -> set[tuple[int, str]]:
-        """(port index, MAC) of every static FDB entry on bridge ``bridge``
-        that points at a port: one dump, whatever the number of leases."""
-        try:
-            return {
-                (int(entry["ifindex"]), str(entry.get("NDA_LLADDR")))
-                for entry in self._ip.fdb("dump", master=bridge)
-                if entry["state"] & NUD_NOARP and entry["ifindex"] != bridge
-            }
-        except NetlinkError as exc:
-            raise kernel_error(_oserror(exc), f"listing the FDB of bridge {bridge}") from None
 
     def close(self) -> None:
         if self._ipr is not None:

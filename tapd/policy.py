@@ -57,6 +57,9 @@ class Decision:
     fence: Fence = field(default_factory=Fence)
     #: the networks guest addresses must come from (empty: not filtered)
     ip_ranges: tuple[str, ...] = ()
+    #: the access VLANs the rule permits, its default first (empty: none);
+    #: the fence says which VLANs go tagged
+    vlans: tuple[int, ...] = ()
 
 
 def _fence(rule: AllowRule) -> Fence:
@@ -68,6 +71,7 @@ def _fence(rule: AllowRule) -> Fence:
         ingress=rule.ingress_limit,
         egress=rule.egress_limit,
         ip_filter=bool(rule.ip_ranges),
+        vlan_tagged=rule.vlan_tagged,
     )
 
 
@@ -114,6 +118,7 @@ class Policy:
                 tap_gid=tap_gid,
                 fence=fence,
                 ip_ranges=allow.ip_ranges,
+                vlans=allow.vlan,
             )
         raise Denied(
             f"uid {peer.uid} is not allowed to use bridge {bridge!r}: no allow rule in "

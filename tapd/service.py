@@ -102,6 +102,7 @@ class Service:
                 owner_,
                 request.guest_mac,
                 guest_ips=request.guest_ips,
+                vlan=request.vlan,
             )
 
     async def _bridge_helper(

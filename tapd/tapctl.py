@@ -165,8 +165,15 @@ def _guest_arguments(p: argparse.ArgumentParser) -> None:
         "--guest-mac", metavar="MAC", help="the guest NIC's MAC (default: tapd picks a free one)"
     )
     p.add_argument(
-        "--guest-ip", dest="guest_ips", metavar="ADDR", action="append",
+        "--guest-ip",
+        dest="guest_ips",
+        metavar="ADDR",
+        action="append",
         help="an address the guest will use (repeat; needed where the rule has ip_ranges)",
+    )
+    p.add_argument(
+        "--vlan", type=int, metavar="N",
+        help="the access VLAN, one the rule permits (default: the rule's first)",
     )  # fmt: skip
 
 
@@ -204,8 +211,17 @@ def _print_reply(reply: dict[str, object], as_json: bool) -> None:
         f"vhostfds {reply.get('vhostfds', 0)} vnet_hdr {'on' if reply.get('vnet_hdr') else 'off'}"
         + (f" guest_mac {reply['guest_mac']}" if reply.get("guest_mac") else "")
         + (f" guest_ips {','.join(map(str, ips))}" if isinstance(ips, list) and ips else "")
+        + _vlans(reply)
     )
     _warn(reply)
+
+
+def _vlans(reply: dict[str, Any]) -> str:
+    """`` vlan 10 vlan_tagged 20,30`` as a reply or lease says, else ""."""
+    tagged = reply.get("vlan_tagged")
+    return (f" vlan {reply['vlan']}" if reply.get("vlan") is not None else "") + (
+        f" vlan_tagged {','.join(map(str, tagged))}" if isinstance(tagged, list) and tagged else ""
+    )
 
 
 def _warn(reply: dict[str, object]) -> None:
@@ -288,7 +304,7 @@ def _request(args: argparse.Namespace) -> int:
     options: dict[str, Any] = parse_netdev(args.netdev) if args.netdev else {}
     for key in (
         "br", "ifname", "queues", "vnet_hdr", "sndbuf", "vhost", "vhostforce",
-        "script", "downscript", "helper", "guest_mac", "guest_ips",
+        "script", "downscript", "helper", "guest_mac", "guest_ips", "vlan",
     ):  # fmt: skip
         value = getattr(args, key)
         if value is not None:
@@ -324,6 +340,7 @@ def _prepare(args: argparse.Namespace) -> int:
         downscript=args.downscript,
         guest_mac=args.guest_mac,
         guest_ips=args.guest_ips,
+        vlan=args.vlan,
     )
     if not command:
         if args.json:
@@ -392,16 +409,30 @@ def _list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(leases))
         return 0
-    rows = [("LEASE", "IFNAME", "BRIDGE", "QUEUES", "UID", "PID", "AGE")]
+    rows: list[tuple[str, ...]] = [("LEASE", "IFNAME", "BRIDGE", "QUEUES", "UID", "PID", "AGE")]
     rows += [
         (x["id"], x["ifname"], x["bridge"], str(x["queues"]), str(x["uid"]), str(x["pid"]),
          _age(x["created"]))
         for x in leases
     ]  # fmt: skip
+    if any(x.get("vlan") is not None or x.get("vlan_tagged") for x in leases):
+        # A column only where some lease has VLANs: the table stays as it was.
+        rows[0] += ("VLAN",)
+        rows[1:] = [(*row, _vlan_cell(x)) for row, x in zip(rows[1:], leases, strict=True)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0
+
+
+def _vlan_cell(lease: dict[str, Any]) -> str:
+    """A lease's VLANs for list: ``10``, ``10+t20,30`` with tagged ones, ``-``."""
+    access = lease.get("vlan")
+    tagged = lease.get("vlan_tagged") or []
+    cell = "" if access is None else str(access)
+    if tagged:
+        cell += ("+" if cell else "") + "t" + ",".join(map(str, tagged))
+    return cell or "-"
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -44,6 +44,7 @@ from tapd.fence import ifb_name, ifb_tap
 from tapd.lifecycle import Lifecycle
 from tapd.netlink import Bridge, LinkEvent, TapLink, TunInfo, TunLink
 from tapd.owner import Peer
+from tapd.ports import ACCESS, wanted_vlans
 from tapd.service import Service
 from tapd.taps import AdoptSpec, MadeTap, TapSpec, adoption_problem, random_mac
 
@@ -78,6 +79,14 @@ class Link:
     #: the tap's own qdiscs as (ingress, egress) rates; None: none
     qdiscs: tuple[int | None, int | None] | None = None
     was_held: bool = False
+    #: a bridge's vlan_filtering; a port's VLANs (vid -> PVID/untagged flags:
+    #: a port joins in the bridge's default VLAN 1, as the kernel's do), the
+    #: VLAN of its static FDB entry, and whether it was up each time tapd set
+    #: its VLANs
+    vlan_filtering: bool = False
+    vlans: dict[int, int] = field(default_factory=dict)
+    static_vlan: int | None = None
+    vlans_set_up: list[bool] = field(default_factory=list)
 
 
 def _hung_up(fd: int) -> bool:
@@ -330,18 +339,40 @@ class FakeNetlink:
         # Off the bridge (port flags and FDB entry go with the port), down, untagged.
         link.master, link.up, link.alias = None, False, ""
         link.port_flags, link.static_mac = None, None
+        link.vlans, link.static_vlan = {}, None
         return True
 
     def delete(self, index: int) -> bool:
         self._call("delete", index)
         return self.kernel.remove(index)
 
-    def set_port(self, index: int, flags: dict[str, bool], static_mac: str | None) -> None:
+    def set_port(
+        self, index: int, flags: dict[str, bool], static_mac: str | None, vlan: int | None = None
+    ) -> None:
         self._call("set_port", index)
         link = self._link(index)
         if link.master is None:
             raise KernelError(f"interface {index} is no bridge port")
-        link.port_flags, link.static_mac = dict(flags), static_mac
+        link.port_flags, link.static_mac, link.static_vlan = dict(flags), static_mac, vlan
+
+    def vlan_filtering(self, bridge: str) -> bool:
+        self._call("vlan_filtering", bridge)
+        self.kernel.bridge(bridge)
+        link = self.kernel.by_name(bridge)
+        assert link is not None
+        return link.vlan_filtering
+
+    def set_vlans(self, index: int, access: int | None, tagged: tuple[int, ...]) -> dict[int, int]:
+        self._call("set_vlans", index)
+        link = self._link(index)
+        if link.master is None:
+            raise KernelError(f"interface {index} is no bridge port")
+        want = wanted_vlans(access, tagged)
+        changed = {vid: flags for vid, flags in link.vlans.items() if want.get(vid) != flags}
+        changed.update({vid: -1 for vid in want if vid not in link.vlans})
+        link.vlans = want
+        link.vlans_set_up.append(link.up)
+        return changed
 
     def shape(self, index: int, ingress: int | None, egress: int | None) -> None:
         self._call("shape", index)
@@ -446,6 +477,7 @@ class FakeMaker:
         link = self.kernel.add(
             name,
             alias=spec.alias or "",
+            vlans={1: ACCESS},
             master=bridge.index,
             up=spec.up,
             persist=persist,
@@ -502,6 +534,7 @@ class FakeMaker:
             spec.up,
             bridge.mtu,
         )
+        link.vlans = {1: ACCESS}
         return self._made(link, bridge, list(spec.fds), spec)
 
     async def discard(self, made: MadeTap, persistent: bool = False) -> None:

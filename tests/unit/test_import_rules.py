@@ -119,7 +119,11 @@ KERNEL = [
     ),
     Rule(
         "rtnetlink",
-        {"netlink": "pyroute2 for lookups and removals, raw rtnetlink for the per-tap messages"},
+        {
+            "netlink": "pyroute2 for lookups and removals, raw rtnetlink for the per-tap messages",
+            "ports": "bridge ports: their flags, the FDB entries that fence them, their VLANs",
+            "shaping": "the tbf qdiscs and ifb devices that hold a guest to its rates",
+        },
         imports=frozenset({"pyroute2"}),
         names=frozenset({"AF_NETLINK", "IPRoute"}),
     ),
@@ -198,7 +202,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "requests, connections and rules, no I/O",
         {"protocol", "connection", "models", "options", "fence", "nft"},
     ),
-    ("the kernel", {"tun", "netlink", "fdinfo", "fdpass", "worker"}),
+    ("the kernel", {"tun", "netlink", "ports", "shaping", "fdinfo", "fdpass", "worker"}),
     (
         "taps made, programs run, and who asks, in intentions",
         {"taps", "making", "programs", "owner"},

@@ -49,7 +49,9 @@ class FakeNetlink:
         assert bridge == 99
         return set(self.statics)
 
-    def set_port(self, index: int, flags: dict[str, bool], mac: str | None) -> None:
+    def set_port(
+        self, index: int, flags: dict[str, bool], mac: str | None, vlan: int | None = None
+    ) -> None:
         assert mac is not None and not flags
         self.statics.add((index, mac))
         self.set_calls.append(("static", index, mac))

@@ -274,3 +274,17 @@ def test_an_fd_named_to_send_that_is_not_open() -> None:
         assert fake.requests == []
     assert out.returncode == 1
     assert one_line_no_traceback(out).endswith("[send-failed]\n")
+
+
+def test_vlan_is_asked_for_and_shown() -> None:
+    grant = {**GRANT, "vlan": 20, "vlan_tagged": [30, 40]}
+    lease = {**LEASE, "vlan": 20, "vlan_tagged": [30, 40]}
+    with fake_tapd(request=grant, list={"ok": True, "leases": [lease]}) as fake:
+        out = run(TAPCTL, "--socket", fake.path, "request", "--br", "br0", "--vlan", "20")
+        listed = run(TAPCTL, "--socket", fake.path, "list")
+    assert out.returncode == listed.returncode == 0, out.stderr + listed.stderr
+    assert out.stdout.rstrip().endswith("vlan 20 vlan_tagged 30,40")
+    assert listed.stdout.splitlines()[0].split()[-1] == "VLAN"
+    assert listed.stdout.splitlines()[1].split()[-1] == "20+t30,40"
+    asked = [r for r in fake.requests if r.get("op") == "request"]
+    assert [r["vlan"] for r in asked] == [20]
