@@ -1,7 +1,7 @@
 """A rule with VLANs on a bridge that does not filter them, against the
 host's kernel (which has no bridge VLAN filtering at all, so it reports none):
 refused with what to do, and nothing made.  What a filtering bridge does is
-the kernel stage's (tests/kernel/test_vlans.py)."""
+the kernel stage's (tests/kernel/test_vlan_bridge.py)."""
 
 from __future__ import annotations
 
