@@ -171,6 +171,9 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts /dev/pts
 ln -sf pts/ptmx /dev/ptmx
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+# what udev makes on a real host (nft -f /dev/stdin, bash's <(...))
+ln -sfn /proc/self/fd /dev/fd
+for i in 0:stdin 1:stdout 2:stderr; do ln -sf "/proc/self/fd/${{i%%:*}}" "/dev/${{i#*:}}"; done
 mkdir -p /lib/modules
 ln -sfn {shlex.quote(str(moddir))} /lib/modules/{shlex.quote(release)}
 echo /sbin/modprobe >/proc/sys/kernel/modprobe
