@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,35 +70,7 @@ def test_qemu_mutual_exclusions_are_refused_with_qemus_words(daemon: Daemon) -> 
 
 
 # -- vhost ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def vhost_standin() -> Iterator[str]:
-    """A character device standing in for /dev/vhost-net (these machines have
-    none): same major/minor as /dev/null, so it opens read-write."""
-    d = Path(os.environ.get("TMPDIR", "/tmp")) / f"tapd-vhost-{os.getpid()}"
-    d.mkdir(exist_ok=True)
-    path = d / "vhost-net"
-    if not path.exists():
-        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
-    yield str(path)
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def test_vhost_fds_come_after_the_tap_fds(
-    ns: str, br0: str, tmp_path: Path, vhost_standin: str
-) -> None:
-    with run_daemon(ns, tmp_path, f'[vhost]\ndevice = "{vhost_standin}"\n') as daemon:
-        grant = daemon.request(br=br0, queues=3, vhost=True, **{"poll_us": 50})
-        try:
-            assert grant.reply["fds"] == 3 and grant.reply["vhostfds"] == 3
-            assert len(grant.vhost_fds) == 3
-            assert {tun.tap_info(fd).name for fd in grant.tap_fds} == {grant.ifname}
-            rdev = os.stat(vhost_standin).st_rdev
-            assert all(os.fstat(fd).st_rdev == rdev for fd in grant.vhost_fds)
-            assert grant.netdev_args().startswith("fds=") and "vhostfds=" in grant.netdev_args()
-        finally:
-            grant.close()
+# The real device, its fds and a guest on them: tests/kernel/test_vhost.py.
 
 
 def test_vhost_missing_warns_without_force_and_fails_with_it(
