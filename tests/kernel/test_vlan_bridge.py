@@ -18,13 +18,26 @@ import contextlib
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from tapdtest import Daemon, ip, links, make_tap_in, netns, run_daemon, taps, wait_until
+from tapdtest import (
+    Daemon,
+    ip,
+    links,
+    make_tap_in,
+    netns,
+    redirect_target,
+    run_daemon,
+    taps,
+    wait_until,
+)
 
 from tapd import client
 
@@ -75,8 +88,9 @@ BROADCAST = b"\xff" * 6
 
 def _kernel_filters_vlans() -> bool:
     with netns("tapd-k-") as ns:
-        return ip("-n", ns, "link", "add", "probe0", "type", "bridge", "vlan_filtering", "1",
-                  check=False).returncode == 0  # fmt: skip
+        made = ip("-n", ns, "link", "add", "probe0", "type", "bridge", "vlan_filtering", "1",
+                  check=False)  # fmt: skip
+        return made.returncode == 0
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -150,7 +164,7 @@ def heard(fd: int) -> list[tuple[int | None, bytes]]:
 
 
 @contextlib.contextmanager
-def granted(daemon: Daemon, **options: object) -> Iterator[client.TapGrant]:
+def granted(daemon: Daemon, **options: Any) -> Iterator[client.TapGrant]:
     with daemon.request(vnet_hdr=False, **options) as grant:
         yield grant
 
@@ -239,6 +253,91 @@ def test_refusals_say_what_to_do_and_leave_nothing(tapd: Daemon, vns: str) -> No
     with granted(tapd, br="br4") as plain:
         assert "vlan" not in plain.reply and port_vlans(vns, plain.ifname) == {1: ACCESS}
     assert not any(link.startswith("tapdifb") for link in links(vns))
+
+
+#: what the address filter and the rates need: the stage's modprobe loads
+#: them with their dependencies (most the kernel would ask for on demand)
+FENCE_MODULES = (
+    "nf_tables", "nft_meta_bridge", "sch_tbf", "sch_ingress", "cls_u32", "act_mirred", "ifb",
+)  # fmt: skip
+
+
+def load_modules(*names: str) -> None:
+    subprocess.run(["modprobe", "-a", *names], check=True, capture_output=True)
+
+
+FILTERED = """
+[[allow]]
+users = ["0"]
+bridges = ["br0"]
+vlan = 10
+mac_filtering = true
+ip_ranges = ["10.77.9.0/24"]
+ingress_limit = "8Mbit"
+egress_limit = "2Mbit"
+"""
+
+
+def udp4(mac: str, source: str, marker: bytes) -> bytes:
+    """A broadcast UDP datagram from ``mac`` and ``source`` (no checksums: no
+    one on the path looks at them)."""
+    payload = struct.pack("!HHHH", 40000, 40001, 8 + len(marker), 0) + marker
+    header = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, 17, 0,
+        socket.inet_aton(source), socket.inet_aton("10.77.9.255"),
+    )  # fmt: skip
+    return BROADCAST + bytes.fromhex(mac.replace(":", "")) + b"\x08\x00" + header + payload
+
+
+def test_the_address_filter_and_the_rates_hold_on_an_access_port(tmp_path: Path) -> None:
+    load_modules(*FENCE_MODULES)
+    with netns("tapd-v-") as ns:
+        ip("-n", ns, "link", "add", "br0", "type", "bridge", "vlan_filtering", "1")
+        ip("-n", ns, "link", "set", "br0", "up")
+        (observer,) = make_tap_in(ns, "obs0", vnet_hdr=False)
+        try:
+            ip("-n", ns, "link", "set", "obs0", "master", "br0", "up")
+            bridge_cmd(ns, "vlan", "del", "dev", "obs0", "vid", "1")
+            bridge_cmd(ns, "vlan", "add", "dev", "obs0", "vid", "10", "pvid", "untagged")
+            with run_daemon(ns, tmp_path, FILTERED) as daemon:
+                with granted(daemon, br="br0", guest_ips=["10.77.9.5"]) as guest:
+                    assert guest.guest_mac is not None and guest.reply["vlan"] == 10
+                    index = links(ns)[guest.ifname]["ifindex"]
+                    # rates: a tbf on the tap, another on its ifb, what it sends redirected
+                    assert redirect_target(ns, guest.ifname) == f"tapdifb{index:x}"
+                    shown = subprocess.run(
+                        ["tc", "-n", ns, "qdisc", "show", "dev", guest.ifname],
+                        capture_output=True, text=True, check=True,
+                    ).stdout  # fmt: skip
+                    assert "tbf" in shown and "ingress" in shown
+                    for source, marker in [("10.77.9.5", b"mine"), ("10.77.9.6", b"stolen"),
+                                           ("10.77.9.5", b"later")]:  # fmt: skip
+                        os.write(guest.tap_fds[0], udp4(guest.guest_mac, source, marker))
+                    # What the guest sends queues on its ifb's tbf, in order, and
+                    # comes back to the bridge from there: by "later", all has.
+                    seen: list[bytes] = []
+                    wait_until(lambda: b"later" in udp_markers(observer, seen),
+                               what="the guest's last datagram")  # fmt: skip
+                    assert seen == [b"mine", b"later"]
+                wait_until(lambda: taps(ns) == ["obs0"], what="the guest's tap to go")
+                wait_until(
+                    lambda: not any(n.startswith("tapdifb") for n in links(ns)),
+                    what="its ifb to go",
+                )  # fmt: skip
+        finally:
+            os.close(observer)
+
+
+def udp_markers(fd: int, into: list[bytes]) -> list[bytes]:
+    """Add the markers of the UDP datagrams queued on ``fd`` to ``into``."""
+    os.set_blocking(fd, False)
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return into
+        if data[12:14] == b"\x08\x00" and data[23] == 17:
+            into.append(data[42:])
 
 
 def test_nothing_is_left_behind(tapd: Daemon, vns: str) -> None:
