@@ -9,11 +9,20 @@ daemon's request models and their validation live in :mod:`tapd.protocol`.
 
 No I/O here: bytes in, objects out; the only exceptions that leave it are
 :class:`~tapd.errors.ProtocolError` subclasses.
+
+Lines are parsed and written by the standard library's own JSON engine, the C
+scanner and encoder of ``_json`` that :func:`json.loads` and
+:func:`json.dumps` run, called here directly with the settings those give
+them.  The :mod:`json` package around them imports :mod:`re`, and so
+:mod:`enum`, :mod:`functools` and :mod:`collections`: a third of what a
+per-VM client would otherwise import.  A line the scanner refuses is parsed
+again by :mod:`json` itself, so that a refusal says what :mod:`json` says;
+tapd is CPython's, whose :mod:`json` has had ``_json`` since 2.6.
 """
 
 from __future__ import annotations
 
-import json
+import _json
 
 from .errors import LineTooLong, MalformedJson, NotAnObject
 
@@ -87,6 +96,55 @@ def _no_constants(name: str) -> Any:
     raise MalformedJson(f"{name} is not valid JSON")
 
 
+class _Strict:
+    """What :func:`json.loads` hands the C scanner, with tapd's two hooks: the
+    attributes ``_json.make_scanner`` reads."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = staticmethod(_no_duplicates)
+    parse_float = float
+    parse_int = int
+    parse_constant = staticmethod(_no_constants)
+
+
+_scan = _json.make_scanner(_Strict)  # type: ignore[arg-type]  # reads the attributes only
+#: what JSON allows around a value
+_WHITESPACE = " \t\n\r"
+
+
+def _unserializable(value: object) -> object:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _dumps(value: object) -> str:
+    """``json.dumps(value, separators=(",", ":"), ensure_ascii=False)``: its
+    encoder, a fresh one per call as json.dumps makes (circular-reference
+    markers and all)."""
+    if isinstance(value, str):  # json.dumps quotes a lone string without its encoder
+        return _json.encode_basestring(value)
+    encode = _json.make_encoder(
+        {}, _unserializable, _json.encode_basestring, None, ":", ",", False, False, True
+    )
+    return "".join(encode(value, 0))
+
+
+def _loads(text: str) -> Any:
+    """``json.loads(text)`` with tapd's hooks, by the scanner alone when the
+    line is valid; :mod:`json` itself words the refusal of one that is not."""
+    start = len(text) - len(text.lstrip(_WHITESPACE))
+    try:
+        obj, end = _scan(text, start)
+    except (StopIteration, ValueError):
+        pass  # json.loads below raises the same, in its words
+    else:
+        if end == len(text) or not text[end:].strip(_WHITESPACE):
+            return obj
+    import json
+
+    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+
+
 def loads_object(line: bytes) -> dict[str, Any]:
     """Parse one line as a JSON object (strict: UTF-8, no NaN, no duplicate keys)."""
     try:
@@ -96,11 +154,13 @@ def loads_object(line: bytes) -> dict[str, Any]:
             f"line is not valid UTF-8 (byte {exc.start}); send UTF-8 JSON"
         ) from None
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
-    except json.JSONDecodeError as exc:
-        raise MalformedJson(f"line is not valid JSON: {exc.msg} at column {exc.colno}") from None
+        obj = _loads(text)
     except ValueError as exc:
-        # e.g. an integer of more digits than Python converts (4300 by default)
+        # json.JSONDecodeError, or e.g. an integer of more digits than Python
+        # converts (4300 by default)
+        msg, colno = getattr(exc, "msg", None), getattr(exc, "colno", None)
+        if msg is not None and colno is not None:
+            raise MalformedJson(f"line is not valid JSON: {msg} at column {colno}") from None
         raise MalformedJson(f"line is not valid JSON: {exc}") from None
     except RecursionError:
         raise MalformedJson("line nests JSON too deeply") from None
@@ -109,7 +169,7 @@ def loads_object(line: bytes) -> dict[str, Any]:
     # line with a \\u escape can hold one, so only such a line pays the check.
     if "\\u" in text:
         try:
-            json.dumps(obj, ensure_ascii=False).encode()
+            _dumps(obj).encode()
         except UnicodeEncodeError:
             raise MalformedJson("line holds a \\u escape that is not a character") from None
     if not isinstance(obj, dict):
@@ -132,7 +192,7 @@ def _json_type(value: Any) -> str:
 
 def dumps_line(message: Mapping[str, Any]) -> bytes:
     """A request or reply object as one wire line."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    return _dumps(message).encode() + b"\n"
 
 
 def decode_reply(line: bytes) -> dict[str, Any]:
