@@ -15,11 +15,13 @@ cannot cut or read a message differently.
 from __future__ import annotations
 
 import _socket
-import array
 import os
+import struct
 
 # _socket is the C module socket.py wraps: the wrapper's enums and its import of
 # selectors cost a process started per VM 2 ms, a tenth of an interpreter start.
+# fds are packed with struct, not array: array imports collections.abc, and
+# with it collections, operator, itertools, keyword and reprlib.
 
 TYPE_CHECKING = False  # typing costs a client ~2 ms to import; mypy reads this as usual
 if TYPE_CHECKING:
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
 #: include/net/scm.h: SCM_MAX_FD.  The 254th fd in one sendmsg is EINVAL.
 MAX_FDS_PER_MSG = 253
 
-_INT_SIZE = array.array("i").itemsize
+_INT_SIZE = struct.calcsize("i")
 #: room for a full message of fds in every recvmsg
 ANCBUF = _socket.CMSG_SPACE(MAX_FDS_PER_MSG * _INT_SIZE)
 RECV_BYTES = 65536
@@ -63,7 +65,7 @@ def ancillary(fds: list[int]) -> list[tuple[int, int, bytes]]:
     """``sendmsg``'s ancillary data for ``fds`` (none for no fds)."""
     if not fds:
         return []
-    return [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+    return [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
 
 
 def unpack(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -72,7 +74,7 @@ def unpack(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     for level, kind, data in ancdata:
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             whole = len(data) - len(data) % _INT_SIZE
-            fds.extend(array.array("i", data[:whole]))
+            fds.extend(struct.unpack(f"{whole // _INT_SIZE}i", data[:whole]))
     return fds
 
 

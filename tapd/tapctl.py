@@ -11,7 +11,6 @@ anything unexpected prints one line too (``TAPD_DEBUG=1`` shows where).
 from __future__ import annotations
 
 import _socket
-import json
 import os
 import sys
 import time
@@ -199,9 +198,18 @@ def substitute(args: Sequence[str], grant: client.TapGrant) -> list[str]:
     return out
 
 
+def _print_json(value: object) -> None:
+    """``--json``'s output; json is imported here, on the paths that print it
+    (it imports re, and so enum, functools and collections, as tapd.wire does
+    not)."""
+    import json
+
+    print(json.dumps(value))
+
+
 def _print_reply(reply: dict[str, object], as_json: bool) -> None:
     if as_json:
-        print(json.dumps(reply))
+        _print_json(reply)
         return
     # An adopted tap's reply (fd=/fds=) may say less: print what it says.
     ips = reply.get("guest_ips")
@@ -344,7 +352,7 @@ def _prepare(args: argparse.Namespace) -> int:
     )
     if not command:
         if args.json:
-            print(json.dumps(reply))
+            _print_json(reply)
         else:
             print(
                 f"{reply.get('ifname')}: bridge {reply.get('bridge')} guest mac "
@@ -407,7 +415,7 @@ def _age(created: int) -> str:
 def _list(args: argparse.Namespace) -> int:
     leases = client.leases(path=args.socket)
     if args.json:
-        print(json.dumps(leases))
+        _print_json(leases)
         return 0
     rows: list[tuple[str, ...]] = [("LEASE", "IFNAME", "BRIDGE", "QUEUES", "UID", "PID", "AGE")]
     rows += [
@@ -438,7 +446,7 @@ def _vlan_cell(lease: dict[str, Any]) -> str:
 def _status(args: argparse.Namespace) -> int:
     reply = client.status(path=args.socket)
     if args.json:
-        print(json.dumps(reply))
+        _print_json(reply)
         return 0
     # "config" is absent when tapd runs on its built-in defaults.
     print(
@@ -453,7 +461,7 @@ def _status(args: argparse.Namespace) -> int:
 def _hello(args: argparse.Namespace) -> int:
     reply = client.hello(path=args.socket)
     if args.json:
-        print(json.dumps(reply))
+        _print_json(reply)
         return 0
     ops = reply.get("ops")
     print(
@@ -466,7 +474,7 @@ def _hello(args: argparse.Namespace) -> int:
 def _release(args: argparse.Namespace) -> int:
     lease = client.release(args.lease, path=args.socket)
     if args.json:
-        print(json.dumps(lease))
+        _print_json(lease)
     else:
         print(f"released {lease.get('id')} ({lease.get('ifname')})")
     return 0
@@ -573,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
                 # --json's promise holds for a refusal too: the reply, as tapd
                 # words it, on stdout (the one line on stderr as ever).
                 error = {"code": exc.code, "message": exc.message}
-                print(json.dumps({"ok": False, "error": error}))
+                _print_json({"ok": False, "error": error})
             raise
 
     return _guarded("tapctl", run)
