@@ -53,6 +53,64 @@ class HandoffFailed(LocalError):
     CODE = "handoff-failed"
 
 
+#: a verb's option: (flag, dest, kind, metavar, help); kind is "str",
+#: "required" (a str that must be given), "int", "append" (a str, repeatable),
+#: "on"/"off" (a store_const True/False, exclusive with its pair) or "flag"
+#: (store_true).  argparse is built from these tables, and read_quickly()
+#: reads the command lines of a VM start from them without argparse.
+Option = tuple[str, str, str, "str | None", "str | None"]
+
+_GUEST_OPTIONS: tuple[Option, ...] = (
+    ("--guest-mac", "guest_mac", "str", "MAC",
+     "the guest NIC's MAC (default: tapd picks a free one)"),
+    ("--guest-ip", "guest_ips", "append", "ADDR",
+     "an address the guest will use (repeat; needed where the rule has ip_ranges)"),
+    ("--vlan", "vlan", "int", "N",
+     "the access VLAN, one the rule permits (default: the rule's first)"),
+)  # fmt: skip
+REQUEST_OPTIONS: tuple[Option, ...] = (
+    ("--br", "br", "str", None, "bridge to attach the tap to"),
+    ("--ifname", "ifname", "str", None, "name for the tap (default: the daemon's template)"),
+    ("--queues", "queues", "int", None, "number of queues (multiqueue tap)"),
+    ("--vnet-hdr", "vnet_hdr", "on", None, "require vnet_hdr"),
+    ("--no-vnet-hdr", "vnet_hdr", "off", None, "no vnet_hdr"),
+    ("--sndbuf", "sndbuf", "int", None, "send buffer limit in bytes"),
+    ("--vhost", "vhost", "on", None, "also get vhost-net fds"),
+    ("--vhostforce", "vhostforce", "on", None, "fail without vhost"),
+    ("--script", "script", "str", "NAME", "a network script the admin listed"),
+    ("--downscript", "downscript", "str", "NAME", "a down script the admin listed"),
+    ("--helper", "helper", "str", "NAME", "a bridge helper the admin listed"),
+    *_GUEST_OPTIONS,
+    ("--netdev", "netdev", "str", "OPTS",
+     "QEMU -netdev tap options as is, e.g. 'tap,id=n0,queues=4,vhost=on' "
+     "(fd=/fds= name tapctl's own fds, which are sent along)"),
+    ("--json", "json", "flag", None, "print the reply as JSON"),
+)  # fmt: skip
+PREPARE_OPTIONS: tuple[Option, ...] = (
+    ("--br", "br", "required", None, "bridge to attach the tap to"),
+    ("--ifname", "ifname", "str", None, "name for the tap (default: the daemon's template)"),
+    ("--queues", "queues", "int", None, "queues the VMM will attach (multiqueue tap)"),
+    ("--vnet-hdr", "vnet_hdr", "on", None, None),
+    ("--no-vnet-hdr", "vnet_hdr", "off", None, None),
+    ("--script", "script", "str", "NAME", "a network script the admin listed"),
+    ("--downscript", "downscript", "str", "NAME", "a down script the admin listed"),
+    *_GUEST_OPTIONS,
+    ("--json", "json", "flag", None, "print the reply as JSON"),
+)  # fmt: skip
+#: the verbs read_quickly() reads
+QUICK_VERBS = {"request": REQUEST_OPTIONS, "prepare": PREPARE_OPTIONS}
+
+if TYPE_CHECKING:
+    from argparse import Namespace as Options
+else:
+
+    class Options:
+        """What argparse.Namespace holds, for a command line read without argparse."""
+
+        def __init__(self, **values: object) -> None:
+            self.__dict__.update(values)
+
+
 def _parser() -> argparse.ArgumentParser:
     import argparse  # here: tapd-bridge-helper, which shares this module, never needs it
 
@@ -76,30 +134,7 @@ def _parser() -> argparse.ArgumentParser:
             "tap vanishes when tapctl exits, because nothing holds its fds any more."
         ),
     )
-    req.add_argument("--br", help="bridge to attach the tap to")
-    req.add_argument("--ifname", help="name for the tap (default: the daemon's template)")
-    req.add_argument("--queues", type=int, help="number of queues (multiqueue tap)")
-    vnet = req.add_mutually_exclusive_group()
-    vnet.add_argument(
-        "--vnet-hdr", dest="vnet_hdr", action="store_const", const=True, help="require vnet_hdr"
-    )
-    vnet.add_argument(
-        "--no-vnet-hdr", dest="vnet_hdr", action="store_const", const=False, help="no vnet_hdr"
-    )
-    req.add_argument("--sndbuf", type=int, help="send buffer limit in bytes")
-    req.add_argument("--vhost", action="store_const", const=True, help="also get vhost-net fds")
-    req.add_argument("--vhostforce", action="store_const", const=True, help="fail without vhost")
-    req.add_argument("--script", metavar="NAME", help="a network script the admin listed")
-    req.add_argument("--downscript", metavar="NAME", help="a down script the admin listed")
-    req.add_argument("--helper", metavar="NAME", help="a bridge helper the admin listed")
-    _guest_arguments(req)
-    req.add_argument(
-        "--netdev",
-        metavar="OPTS",
-        help="QEMU -netdev tap options as is, e.g. 'tap,id=n0,queues=4,vhost=on' "
-        "(fd=/fds= name tapctl's own fds, which are sent along)",
-    )
-    req.add_argument("--json", action="store_true", help="print the reply as JSON")
+    _add_options(req, REQUEST_OPTIONS)
     req.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     prep = verbs.add_parser(
         "prepare",
@@ -113,16 +148,7 @@ def _parser() -> argparse.ArgumentParser:
             "CMD, print the reply and exit, which removes the tap again."
         ),
     )
-    prep.add_argument("--br", required=True, help="bridge to attach the tap to")
-    prep.add_argument("--ifname", help="name for the tap (default: the daemon's template)")
-    prep.add_argument("--queues", type=int, help="queues the VMM will attach (multiqueue tap)")
-    pvnet = prep.add_mutually_exclusive_group()
-    pvnet.add_argument("--vnet-hdr", dest="vnet_hdr", action="store_const", const=True)
-    pvnet.add_argument("--no-vnet-hdr", dest="vnet_hdr", action="store_const", const=False)
-    prep.add_argument("--script", metavar="NAME", help="a network script the admin listed")
-    prep.add_argument("--downscript", metavar="NAME", help="a down script the admin listed")
-    _guest_arguments(prep)
-    prep.add_argument("--json", action="store_true", help="print the reply as JSON")
+    _add_options(prep, PREPARE_OPTIONS)
     prep.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     lst = verbs.add_parser("list", help="your leases (root: all of them)")
     lst.add_argument("--json", action="store_true", help="print a JSON list of leases")
@@ -158,22 +184,93 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _guest_arguments(p: argparse.ArgumentParser) -> None:
-    """tapd's own request keys, beside QEMU's."""
-    p.add_argument(
-        "--guest-mac", metavar="MAC", help="the guest NIC's MAC (default: tapd picks a free one)"
-    )
-    p.add_argument(
-        "--guest-ip",
-        dest="guest_ips",
-        metavar="ADDR",
-        action="append",
-        help="an address the guest will use (repeat; needed where the rule has ip_ranges)",
-    )
-    p.add_argument(
-        "--vlan", type=int, metavar="N",
-        help="the access VLAN, one the rule permits (default: the rule's first)",
-    )  # fmt: skip
+def _add_options(p: argparse.ArgumentParser, options: tuple[Option, ...]) -> None:
+    """A verb's options, from its table."""
+    exclusive: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for flag, dest, kind, metavar, text in options:
+        if kind in ("on", "off") and dest == "vnet_hdr":  # --vnet-hdr or --no-vnet-hdr
+            if dest not in exclusive:
+                exclusive[dest] = p.add_mutually_exclusive_group()
+            at: argparse._ActionsContainer = exclusive[dest]
+        else:
+            at = p
+        if kind in ("on", "off"):
+            at.add_argument(flag, dest=dest, action="store_const", const=kind == "on", help=text)
+        elif kind == "flag":
+            at.add_argument(flag, dest=dest, action="store_true", help=text)
+        elif kind == "int":
+            at.add_argument(flag, dest=dest, metavar=metavar, help=text, type=int)
+        else:
+            action = "append" if kind == "append" else "store"
+            at.add_argument(
+                flag, dest=dest, metavar=metavar, help=text, action=action,
+                required=kind == "required",
+            )  # fmt: skip
+
+
+def _leading_socket(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """tapctl's ``--socket PATH`` before the verb, and the rest; a value
+    argparse would not take as one is left in place (it then refuses it)."""
+    if argv[:1] == ["--socket"] and len(argv) > 2 and not argv[1].startswith("-"):
+        return argv[1], list(argv[2:])
+    if argv[:1] and argv[0].startswith("--socket=") and argv[0][9:10] != "-":
+        return argv[0][9:], list(argv[1:])
+    return None, list(argv)
+
+
+def read_quickly(argv: Sequence[str]) -> Options | None:
+    """``tapctl [--socket PATH] request|prepare [OPTION...] [-- CMD ARGS]``,
+    the command lines a VM start runs, read from the verbs' option tables
+    without argparse (whose import, with re, enum and gettext, costs more than
+    the rest of tapctl).  The options as argparse would give them, or None
+    for anything else (--help, an abbreviation, a bad value, CMD without
+    ``--``), which argparse then reads and words the error of, as ever."""
+    socket_path, argv = _leading_socket(argv)
+    table = QUICK_VERBS.get(argv[0]) if argv else None
+    if table is None:
+        return None
+    by_flag = {option[0]: option for option in table}
+    values: dict[str, Any] = {"socket": socket_path, "verb": argv[0]}
+    values.update((dest, False if kind == "flag" else None) for _, dest, kind, _, _ in table)
+    values["command"] = []
+    used: set[str] = set()
+    rest = list(argv[1:])
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--":
+            values["command"] = ["--", *rest]  # as argparse.REMAINDER keeps it
+            break
+        flag, eq, value = arg.partition("=")
+        option = by_flag.get(flag)
+        if option is None:
+            return None
+        _, dest, kind, _, _ = option
+        used.add(flag)
+        if kind in ("on", "off", "flag"):
+            if eq:
+                return None
+            values[dest] = kind != "off"
+            continue
+        if not eq:
+            if not rest:
+                return None
+            value = rest.pop(0)
+        if value.startswith("-"):
+            return None
+        if kind == "int":
+            try:
+                values[dest] = int(value)
+            except ValueError:
+                return None
+        elif kind == "append":
+            values[dest] = [*(values[dest] or []), value]
+        else:
+            values[dest] = value
+    if {"--vnet-hdr", "--no-vnet-hdr"} <= used:
+        return None
+    if any(kind == "required" and values[dest] is None for _, dest, kind, _, _ in table):
+        return None
+    return Options(**values)
 
 
 def substitute(args: Sequence[str], grant: client.TapGrant) -> list[str]:
@@ -555,11 +652,7 @@ def _as_qemu_runs_helper(argv: list[str]) -> tuple[str | None, str | None, bool,
     QEMU runs once per VM start, read without argparse (whose import and
     parser cost more than the rest of the helper's Python).  None for any
     other command line, which argparse then reads as usual."""
-    socket_path = None
-    if argv[:1] == ["--socket"] and len(argv) > 2:
-        socket_path, argv = argv[1], argv[2:]
-    elif argv[:1] and argv[0].startswith("--socket="):
-        socket_path, argv = argv[0].partition("=")[2], argv[1:]
+    socket_path, argv = _leading_socket(argv)
     if argv[:1] != ["helper"]:
         return None
     parsed = parse_helper_args(argv[1:])
@@ -573,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         qemus = _as_qemu_runs_helper(sys.argv[1:] if argv is None else argv)
         if qemus is not None:
             return _helper(*qemus)
-        args = _parser().parse_args(argv)
+        args = read_quickly(sys.argv[1:] if argv is None else argv) or _parser().parse_args(argv)
         try:
             return _VERBS[args.verb](args)
         except client.CallError as exc:

@@ -42,6 +42,8 @@ DEFAULTS: dict[str, Reply] = {
     "release": {"ok": True, "lease": LEASE},
     "request": GRANT,
     "bridge-helper": GRANT,
+    "prepare": {"ok": True, "lease": "5c0f3a9e61d2", "ifname": "tap3f9c01aa", "bridge": "br0",
+                "guest_mac": "52:54:00:0c:77:e2", "mtu": 1500, "queues": 1, "warnings": []},
 }  # fmt: skip
 
 

@@ -11,9 +11,11 @@ them in are named outright, so a failure says which one crept in.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from faketapd import FakeTapd, fake_tapd
@@ -116,3 +118,65 @@ def test_the_fake_answered_every_call(fake: FakeTapd) -> None:
     """The runs above went all the way to a reply (else they prove little)."""
     ops = {request["op"] for request in fake.requests}
     assert ops >= {"request", "bridge-helper", "hello", "status", "list", "release"}
+
+
+# -- the per-VM processes, module by module -------------------------------------------
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "tapd" / "console-scripts"
+#: runs a console script as installed (its file, as __main__) with argv[1:]
+#: after P (the socket) and prints what it had loaded when it left: exit, or
+#: the exec of tapctl's CMD (the process CMD then replaces)
+AS_INSTALLED = """
+import os, sys
+def _leave(*_):
+    loaded = sorted(sys.modules)  # before json, which the report itself needs
+    import json
+    print(json.dumps(loaded), flush=True)
+    real_exit(0)
+real_exit, os._exit, os.execvp = os._exit, _leave, _leave
+script = sys.argv[1]
+sys.argv = [script, *(P if a == "{P}" else a for a in sys.argv[2:])]
+exec(compile(open(script).read(), script, "exec"), {"__name__": "__main__"})
+"""
+BARE_AS_INSTALLED = (
+    "import os, sys\nloaded = sorted(sys.modules)\nimport json\nprint(json.dumps(loaded))"
+)
+#: what each per-VM process may load beyond a bare interpreter, all of it: a
+#: module added here costs every VM start its import (tests/bench measures)
+PER_VM = {
+    ("tapd-bridge-helper", "--use-vnet", "--fd={FD}", "--br=br0"),
+    ("tapctl", "--socket", "{P}", "request", "--br", "br0", "--", "true", "{fd}"),
+    ("tapctl", "--socket", "{P}", "prepare", "--br", "br0", "--", "true", "{ifname}"),
+}
+LEAN = {
+    "tapd", "tapd.client", "tapd.errors", "tapd.exchange", "tapd.scm", "tapd.tapctl",
+    "tapd.wire", "__future__", "_json", "_socket", "_struct", "struct", "errno",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("argv", sorted(PER_VM), ids=lambda argv: " ".join(argv[:4]))
+def test_a_per_vm_process_loads_exactly_its_list(
+    argv: tuple[str, ...], fake: FakeTapd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TAPD_SOCKET", fake.path)
+    bare = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", BARE_AS_INSTALLED], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    ours, qemus = socket.socketpair()
+    with ours, qemus:
+        args = [a.replace("{FD}", str(qemus.fileno())) for a in argv[1:]]
+        out = subprocess.run(
+            [sys.executable, "-c", f"P = {fake.path!r}\n{AS_INSTALLED}", str(SCRIPTS / argv[0]),
+             *args],
+            capture_output=True, text=True, pass_fds=[qemus.fileno()], check=False,
+        )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    loaded = set(json.loads(out.stdout.splitlines()[-1])) - set(bare)
+    # (an editable install's finder loads some of the list before any of tapd)
+    expected = LEAN - set(bare)
+    assert loaded == expected, (
+        f"{' '.join(argv)} loads {sorted(loaded - expected)} beyond its list"
+        f" (and not {sorted(expected - loaded)})"
+    )
