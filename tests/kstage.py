@@ -13,9 +13,11 @@ summary line, a failure's longrepr shown as if it had run here.  A boot failure,
 a crash or a timeout inside fails every item that has no result, with the tail
 of the console.
 
-The stage: the host's whole filesystem, shared read-only by ``virtiofsd``
-(same interpreter, same checkout at the same path), under a tmpfs overlay for
-writes; fresh tmpfs on ``/run`` and ``/tmp``; the kernel's ``/proc``, ``/sys``,
+The stage: the host's root filesystem, shared read-only by ``virtiofsd``
+(same interpreter, same kernel cache), and the checkout exported by a second
+one at the same path (it may be on a filesystem of its own, or under ``/tmp``),
+each under a tmpfs overlay for writes; fresh tmpfs on ``/run`` and ``/tmp``;
+the run's script as a second archive of the initramfs; the kernel's ``/proc``, ``/sys``,
 ``/dev`` (with ``/dev/pts`` and ``/dev/shm``).  Before pytest starts,
 ``modprobe`` (kmod, against the ``modules.dep`` that ``depmod`` wrote into the
 kernel cache) loads ``vhost_net``, ``tun`` and ``bridge``; the kernel loads
@@ -90,20 +92,26 @@ say "initrd uptime=$(cut -d' ' -f1 /proc/uptime)"
 for mod in $(cat /etc/tapd-modules); do
     insmod "/lib/modules/$mod.ko" || die "insmod-$mod"
 done
-RUN=
+CHECKOUT=
 for arg in $(cat /proc/cmdline); do
-    case "$arg" in tapd.run=*) RUN="${arg#tapd.run=}" ;; esac
+    case "$arg" in tapd.checkout=*) CHECKOUT="${arg#tapd.checkout=}" ;; esac
 done
-mkdir -p /lower /rw /newroot
+mkdir -p /lower /checkout /rw /newroot
 mount -t virtiofs -o ro hostfs /lower || die mount-virtiofs
 mount -t tmpfs -o mode=0755 tmpfs /rw
-mkdir /rw/upper /rw/work
+mkdir /rw/upper /rw/work /rw/ck-upper /rw/ck-work
 mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay /newroot \
     || die mount-overlay
 mount -t tmpfs -o mode=0755 tmpfs /newroot/run
 mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
-# The host's run directory is under /tmp: take the script before it is hidden.
-cp "/lower$RUN" /newroot/run/kstage.sh || die no-script
+# The checkout, exported on its own: it may be on a filesystem of its own, or
+# under the /tmp just hidden.  Writable as the rest is, on the tmpfs.
+mount -t virtiofs -o ro checkout /checkout || die mount-checkout
+mkdir -p "/newroot$CHECKOUT"
+mount -t overlay -o lowerdir=/checkout,upperdir=/rw/ck-upper,workdir=/rw/ck-work overlay \
+    "/newroot$CHECKOUT" || die mount-checkout-overlay
+# The run's script came in the initramfs, in a second archive of its own.
+cp /stage.sh /newroot/run/kstage.sh || die no-script
 for fs in proc sys dev; do mount --move "/$fs" "/newroot/$fs"; done
 exec chroot /newroot /bin/sh /run/kstage.sh
 """
@@ -151,6 +159,22 @@ def build_initrd(moddir: Path, dest_dir: Path) -> Path:
     return initrd
 
 
+def with_script(initrd: Path, script: str, run: Path) -> Path:
+    """``initrd`` with a second archive holding ``script`` as /stage.sh (the
+    kernel unpacks concatenated cpio archives, compressed or not, in turn):
+    the cached initramfs stays the same from run to run, and the script needs
+    no path the stage can see."""
+    from guest import _write_cpio
+
+    staging = run / "script"
+    staging.mkdir()
+    (staging / "stage.sh").write_text(script)
+    _write_cpio(staging, run / "script.cpio.gz")
+    combined = run / "initrd"
+    combined.write_bytes(initrd.read_bytes() + (run / "script.cpio.gz").read_bytes())
+    return combined
+
+
 def stage_script(moddir: Path, rootdir: Path, nodeids: Iterable[str]) -> str:
     """What runs as root inside the stage, after the initramfs's chroot."""
     release = moddir.name
@@ -194,7 +218,7 @@ sleep 60
 """
 
 
-def qemu_argv(kernel: Path, initrd: Path, run: Path, script: Path) -> list[str]:
+def qemu_argv(kernel: Path, initrd: Path, run: Path, rootdir: Path) -> list[str]:
     mem = "2G"
     return [
         "qemu-system-x86_64",
@@ -206,13 +230,15 @@ def qemu_argv(kernel: Path, initrd: Path, run: Path, script: Path) -> list[str]:
         "-numa", "node,memdev=mem",
         "-chardev", f"socket,id=vfs,path={run / 'virtiofs.sock'}",
         "-device", "vhost-user-fs-pci,chardev=vfs,tag=hostfs",
+        "-chardev", f"socket,id=vck,path={run / 'checkout.sock'}",
+        "-device", "vhost-user-fs-pci,chardev=vck,tag=checkout",
         "-device", "virtio-serial-pci",
         "-chardev", f"file,id=results,path={run / 'results.jsonl'}",
         "-device", f"virtserialport,chardev=results,name={RESULTS_PORT}",
         "-serial", f"file:{run / 'console.log'}",
         "-kernel", str(kernel),
         "-initrd", str(initrd),
-        "-append", f"console=ttyS0 quiet loglevel=4 panic=-1 tapd.run={script}",
+        "-append", f"console=ttyS0 quiet loglevel=4 panic=-1 tapd.checkout={rootdir}",
     ]  # fmt: skip
 
 
@@ -242,26 +268,28 @@ def boot_stage(rootdir: Path, nodeids: list[str], timeout: float) -> StageRun:
     result = StageRun()
     start = time.monotonic()
     run = Path(tempfile.mkdtemp(prefix="tapd-kstage-"))
-    virtiofsd = qemu = None
+    virtiofsds: list[subprocess.Popen[bytes]] = []
+    qemu = None
     try:
         kernel, moddir = kernel_tree()
         initrd = build_initrd(moddir, _default_cache_dir() / "initramfs")
-        script = run / "stage.sh"
-        script.write_text(stage_script(moddir, rootdir, nodeids))
+        initrd = with_script(initrd, stage_script(moddir, rootdir, nodeids), run)
         (run / "results.jsonl").touch()
-        with open(run / "virtiofsd.log", "wb") as log:
-            virtiofsd = subprocess.Popen(
-                [VIRTIOFSD, f"--socket-path={run / 'virtiofs.sock'}", "-o", "source=/",
-                 "-o", "cache=none", "-o", "sandbox=chroot"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            )  # fmt: skip
-        while not (run / "virtiofs.sock").exists():
-            if virtiofsd.poll() is not None:
-                raise RuntimeError("virtiofsd exited: " + (run / "virtiofsd.log").read_text())
-            time.sleep(0.02)
+        for name, source in (("virtiofs", "/"), ("checkout", str(rootdir))):
+            with open(run / f"{name}d.log", "wb") as log:
+                daemon = subprocess.Popen(
+                    [VIRTIOFSD, f"--socket-path={run / f'{name}.sock'}", "-o", f"source={source}",
+                     "-o", "cache=none", "-o", "sandbox=chroot"],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                )  # fmt: skip
+            virtiofsds.append(daemon)
+            while not (run / f"{name}.sock").exists():
+                if daemon.poll() is not None:
+                    raise RuntimeError(f"virtiofsd exited: {(run / f'{name}d.log').read_text()}")
+                time.sleep(0.02)
         with open(run / "qemu.log", "wb") as log:
             qemu = subprocess.Popen(
-                qemu_argv(kernel, initrd, run, script),
+                qemu_argv(kernel, initrd, run, rootdir),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             )  # fmt: skip
         try:
@@ -275,9 +303,10 @@ def boot_stage(rootdir: Path, nodeids: list[str], timeout: float) -> StageRun:
         result.problem = f"the kernel stage did not boot: {exc!r}"
     finally:
         _kill(qemu)
-        _kill(virtiofsd)
+        for daemon in virtiofsds:
+            _kill(daemon)
         result.wall = time.monotonic() - start
-        for name in ("qemu.log", "virtiofsd.log", "console.log"):
+        for name in ("qemu.log", "virtiofsd.log", "checkoutd.log", "console.log"):
             path = run / name
             if path.is_file() and path.stat().st_size:
                 text = path.read_text(errors="replace").replace("\r", "")
