@@ -24,8 +24,13 @@ hits every contender alike:
    the same interpreter, the floor of any Python entry point;
 9. 64 VM starts at once through each helper, the way a host boots its VMs.
 
-tapd's own modules are byte-compiled first, as pip does when it installs
-them (the benchmark may run with PYTHONDONTWRITEBYTECODE set).
+It measures tapd as users install it: it first installs the checkout with
+``pip install .`` (not editable: an editable install's import finder costs
+every interpreter ~10 ms and so hides what the entry points cost) into a venv
+of /usr/bin/python3's (``--venv``, default /var/tmp/tapd-bench-venv, reused
+and reinstalled each run), and runs itself again with that venv's Python,
+so every process it starts (daemon, clients, console scripts) is the
+installed tapd, byte-compiled by pip.
 
 The cold start runs first, and each later phase starts once the kernel has
 finished with the last one's taps (quiesce()).  Every tap is held until its
@@ -58,6 +63,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+#: set (to the venv) in the run that measures a non-editable install
+INSTALLED = "TAPD_BENCH_VENV" in os.environ
+#: where the agents and the bare server find tapd: the installed package, or
+#: in a run of the checkout's own source, the checkout
+TAPD_PATH = "" if INSTALLED else str(REPO)
 HELPER = "/usr/lib/qemu/qemu-bridge-helper"
 BRIDGE_CONF = Path("/etc/qemu/bridge.conf")
 BRIDGES = ("br0", "br1", "br2", "br3")
@@ -122,7 +132,8 @@ class Series:
 
 FLOOR = r'''
 import fcntl, json, os, socket, struct, subprocess, sys, time, array, threading
-sys.path.insert(0, sys.argv[1])
+if sys.argv[1]:
+    sys.path.insert(0, sys.argv[1])
 
 TUNSETIFF = 0x400454CA
 held = []
@@ -268,7 +279,7 @@ trio.run(main)
 class Agent:
     def __init__(self, ns: str) -> None:
         self.proc = subprocess.Popen(
-            in_ns(ns, [sys.executable, "-c", AGENT, str(REPO)]),
+            in_ns(ns, [sys.executable, "-c", AGENT, TAPD_PATH]),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -309,13 +320,14 @@ class Tapd:
         (Path(workdir) / "tapd.toml").write_text(config)
         fd = str(listener.fileno())
         argv = (
-            ["-c", BARE, str(REPO), fd]
+            ["-c", BARE, TAPD_PATH, fd]
             if bare
             else ["-m", "tapd.daemon", "--listen-fd", fd, "--config", f"{workdir}/tapd.toml"]
         )
         proc = subprocess.Popen(
             in_ns(ns, [sys.executable, *argv]),
-            pass_fds=[listener.fileno()], stderr=subprocess.DEVNULL, cwd=REPO,
+            pass_fds=[listener.fileno()], stderr=subprocess.DEVNULL,
+            cwd=workdir if INSTALLED else REPO,
         )  # fmt: skip
         listener.close()
         return cls(proc, path, workdir)
@@ -517,7 +529,8 @@ def multiqueue(rounds: int) -> dict[str, Series]:
 def settle(path: str, leases: int) -> None:
     """Wait until tapd has seen the taps just closed go (its lease count back
     at ``leases``), so that one round's clean-up does not fall in the next."""
-    sys.path.insert(0, str(REPO))
+    if not INSTALLED:
+        sys.path.insert(0, str(REPO))
     from tapd import client
 
     deadline = time.monotonic() + 10
@@ -573,7 +586,7 @@ def cold_start(rounds: int) -> Series:
             path = f"{workdir}/s"
             proc = subprocess.Popen(
                 in_ns(ns, [activate, "-l", path, sys.executable, "-m", "tapd.daemon"]),
-                stderr=subprocess.DEVNULL, cwd=REPO,
+                stderr=subprocess.DEVNULL, cwd=workdir if INSTALLED else REPO,
             )  # fmt: skip
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             while True:  # the socket file exists a moment before listen()
@@ -604,6 +617,22 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1e3:8.3f}"
 
 
+def run_installed(venv: Path) -> int:
+    """Install the checkout into ``venv`` as the README does (not editable)
+    and run this benchmark again with its Python."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True)
+    # --force-reinstall: the checkout's code as it is now, under the same version
+    pip = [str(python), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, str(REPO)], check=True)  # tapd's dependencies
+    subprocess.run([*pip, "--no-deps", "--force-reinstall", str(REPO)], check=True)
+    env = {**os.environ, "TAPD_BENCH_VENV": str(venv)}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    print(f"bench_tapd: measuring {REPO} as installed in {venv} (pip install .)", flush=True)
+    return subprocess.run([str(python), __file__, *sys.argv[1:]], env=env).returncode
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=6)
@@ -612,18 +641,29 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    p.add_argument(
+        "--venv", default="/var/tmp/tapd-bench-venv",
+        help="the venv to install the checkout into (pip install ., not editable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--source", action="store_true",
+        help="measure the checkout's source as this Python imports it, not an install",
+    )  # fmt: skip
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench_tapd: run as root (it makes namespaces, bridges and taps)", file=sys.stderr)
         return 2
+    if not INSTALLED and not args.source:
+        return run_installed(Path(args.venv))
     scripts = [Path(sys.executable).parent / name for name in ("tapctl", "tapd-bridge-helper")]
     if not all(os.access(script, os.X_OK) for script in scripts):
         print(f"bench_tapd: run it with the Python of tapd's venv ({scripts[0].parent} "
               "has no tapctl/tapd-bridge-helper)", file=sys.stderr)  # fmt: skip
         return 2
-    # What pip does on install: without it (PYTHONDONTWRITEBYTECODE) every
-    # tapd process would compile tapd's source first.
-    compileall.compile_dir(REPO / "tapd", quiet=1)
+    if not INSTALLED:
+        # What pip does on install: without it (PYTHONDONTWRITEBYTECODE) every
+        # tapd process would compile tapd's source first.
+        compileall.compile_dir(REPO / "tapd", quiet=1)
     if args.quick:
         args.rounds, args.per_round, args.total, args.clients = 2, 10, 128, 16
     levels = [0, 250, 500, 1000] if not args.quick else [0, 50]
@@ -651,11 +691,16 @@ def main() -> int:
     for s in (floor, bare, helper, tapd, taps[REMOVAL]):
         print(f"{'per tap: ' + s.name:34s} {ms(s.median)} {ms(s.p99)} "
               f"{s.median / helper.median:8.2f} {s.median / floor.median:7.2f}")  # fmt: skip
-    py = taps["python -c pass"]
+    py, removal = taps["python -c pass"], taps[REMOVAL]
     for s in (taps[k] for k in PROCESSES):
+        # tapctl's true exits holding the tap's last fd: the kernel's removal
+        # of the tap is its exit's, as it would be any process's (floor)
+        floor_ms = py.median + (removal.median if s.name.startswith("tapctl") else 0)
         print(f"{'process: ' + s.name:34s} {ms(s.median)} {ms(s.p99)} "
               f"{s.median / helper.median:8.2f} {'':7s} "
-              f"{s.median / py.median:5.2f}x python")  # fmt: skip
+              f"{s.median / py.median:5.2f}x python"
+              + (f", {s.median / floor_ms:4.2f}x python + removal" if floor_ms != py.median
+                 else ""))  # fmt: skip
     print(f"{'256 queues: floor':34s} {ms(mq['floor'].median)} {ms(mq['floor'].p99)}")
     print(f"{'256 queues: tapd':34s} {ms(mq['tapd'].median)} {ms(mq['tapd'].p99)} "
           f"{'':8s} {mq['tapd'].median / mq['floor'].median:7.2f}")  # fmt: skip
