@@ -3,12 +3,16 @@
 With :mod:`tapd.tun` (and this module's two parts of its own, :mod:`tapd.ports`
 for bridge ports and :mod:`tapd.shaping` for rates) the only module that
 reaches the kernel.  :class:`Netlink`
-is synchronous.  Its pyroute2 side (lookups, dumps, removals) runs only on the
-:class:`~tapd.worker.KernelWorker` thread, which owns the long-lived IPRoute
-(pyroute2 keeps per-thread state, and a dump may be large).  The per-tap
-message (:meth:`Netlink.join_bridge`) and the checks of a cached bridge are a
-few syscalls on a socket of each calling thread's own, cheap enough for the
-trio loop to make itself.  :func:`link_events` listens for link changes on the
+is synchronous.  Links are asked for (looked up, dumped, removed) and set
+(:meth:`Netlink.join_bridge`, the per-tap message) in messages packed here,
+on a socket of each calling thread's own: a few syscalls, cheap enough for
+the trio loop to make itself, and no pyroute2.  pyroute2's IPRoute serves
+the rest (addresses, FDB, VLANs, port flags, qdiscs: what fences and rates
+need) on the :class:`~tapd.worker.KernelWorker` thread, which owns it
+(pyroute2 keeps per-thread state); it is imported on its first use, so a
+daemon whose rules fence nothing never loads it, and one that does, not
+before its first tap (pyroute2 0.9's import, asyncio and ssl with it, was
+two fifths of the daemon's start).  :func:`link_events` listens for link changes on the
 trio loop: a link removed, a tap's last queue closed, events lost.
 """
 
@@ -25,20 +29,21 @@ import socket
 import struct
 import sys
 import threading
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import trio
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import RTMGRP_LINK
 
 from . import log, tun
 from .errors import BridgeNotFound, NotABridge, kernel_error
 from .fence import TAP_PREFIX
-from .ports import BridgePorts
+from .ports import BridgePorts, netlink_error
 from .shaping import Shaping
+
+if typing.TYPE_CHECKING:
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
 
 
 @dataclass(frozen=True)
@@ -71,27 +76,21 @@ class TunInfo:
         return self.queues + self.disabled > 0
 
     @classmethod
-    def from_link(cls, msg: Any) -> TunInfo | None:
-        """From a pyroute2 link message; None when it is not a tun device."""
-        if msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") != "tun":
+    def from_link(cls, link: Link) -> TunInfo | None:
+        """From a link's message; None when it is not a tun device."""
+        if link.kind != "tun":
             return None
-        data = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
-
-        def attr(name: str) -> int | None:
-            value = data.get(name) if data else None
-            return None if value is None else int(value)
-
-        multi_queue = bool(attr("IFLA_TUN_MULTI_QUEUE"))
+        multi_queue = bool(link.datum(IFLA_TUN_MULTI_QUEUE))
         if multi_queue:
-            queues = attr("IFLA_TUN_NUM_QUEUES") or 0
-            disabled = attr("IFLA_TUN_NUM_DISABLED_QUEUES") or 0
+            queues = link.datum(IFLA_TUN_NUM_QUEUES) or 0
+            disabled = link.datum(IFLA_TUN_NUM_DISABLED_QUEUES) or 0
         else:
-            queues, disabled = int(bool(msg.get("IFLA_CARRIER"))), 0
+            queues, disabled = int(link.carrier), 0
         # tun_fill_info() leaves out IFLA_TUN_OWNER/GROUP when none is set.
         return cls(
-            owner=attr("IFLA_TUN_OWNER"),
-            group=attr("IFLA_TUN_GROUP"),
-            persist=bool(attr("IFLA_TUN_PERSIST")),
+            owner=link.datum(IFLA_TUN_OWNER),
+            group=link.datum(IFLA_TUN_GROUP),
+            persist=bool(link.datum(IFLA_TUN_PERSIST)),
             multi_queue=multi_queue,
             queues=queues,
             disabled=disabled,
@@ -144,21 +143,39 @@ def _oserror(exc: NetlinkError) -> OSError:
 # <linux/netlink.h>, <linux/rtnetlink.h>
 NETLINK_ROUTE = 0
 NLMSG_ERROR = 2
+NLMSG_DONE = 3
 RTM_NEWLINK = 16
 RTM_DELLINK = 17
+RTM_GETLINK = 18
+RTMGRP_LINK = 1
 NLM_F_REQUEST = 0x1
+NLM_F_MULTI = 0x2
 NLM_F_ACK = 0x4
+NLM_F_DUMP_INTR = 0x10  # the links changed during the dump: it may be inconsistent
+NLM_F_DUMP = 0x300
 IFF_UP = 0x1  # <linux/if.h>
 IFF_LOWER_UP = 0x10000  # <linux/if.h>: the carrier is on (reported for running devices)
 AF_UNSPEC = 0
 
 # <linux/if_link.h>
 IFLA_ADDRESS = 1
+IFLA_IFNAME = 3
 IFLA_MTU = 4
 IFLA_MASTER = 10
 IFLA_LINKINFO = 18
 IFLA_IFALIAS = 20
+IFLA_CARRIER = 33
 IFLA_INFO_KIND = 1  # inside IFLA_LINKINFO
+IFLA_INFO_DATA = 2  # inside IFLA_LINKINFO: the kind's own attributes
+# inside a tun device's IFLA_INFO_DATA (drivers/net/tun.c: tun_fill_info())
+IFLA_TUN_OWNER, IFLA_TUN_GROUP, IFLA_TUN_TYPE, IFLA_TUN_PI, IFLA_TUN_VNET_HDR = 1, 2, 3, 4, 5
+IFLA_TUN_PERSIST, IFLA_TUN_MULTI_QUEUE = 6, 7
+IFLA_TUN_NUM_QUEUES, IFLA_TUN_NUM_DISABLED_QUEUES = 8, 9
+IFLA_BR_VLAN_FILTERING = 7  # inside a bridge's IFLA_INFO_DATA
+#: an attribute's type without NLA_F_NESTED and NLA_F_NET_BYTEORDER
+_NLA_TYPE_MASK = 0x3FFF
+#: a dump's datagrams are at most a page or two (netlink_dump()); room to spare
+_DUMP_BUFFER = 1 << 18
 
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
@@ -173,6 +190,70 @@ def _nla(kind: int, payload: bytes) -> bytes:
     return _NLATTR.pack(size, kind) + payload + b"\0" * (-size % 4)
 
 
+def _attrs(data: bytes) -> dict[int, bytes]:
+    """A run of netlink attributes: payload by type."""
+    found = {}
+    offset = 0
+    while offset + _NLATTR.size <= len(data):
+        length, kind = _NLATTR.unpack_from(data, offset)
+        if length < _NLATTR.size or offset + length > len(data):
+            break
+        found[kind & _NLA_TYPE_MASK] = data[offset + _NLATTR.size : offset + length]
+        offset += (length + 3) & ~3
+    return found
+
+
+def _uint(raw: bytes | None) -> int | None:
+    """A u8, u16 or u32 attribute (host order)."""
+    return None if raw is None else int.from_bytes(raw, sys.byteorder)
+
+
+def _text(raw: bytes | None) -> str | None:
+    """A NUL-terminated string attribute."""
+    return None if raw is None else raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
+@dataclass(frozen=True)
+class Link:
+    """One interface as an RTM_NEWLINK describes it: what tapd reads of it."""
+
+    index: int
+    flags: int  # IFF_*
+    name: str
+    mtu: int | None
+    address: str | None  # as aa:bb:cc:dd:ee:ff
+    master: int | None  # the index of the device it is a port of
+    alias: str | None
+    carrier: bool
+    kind: str | None  # IFLA_INFO_KIND: "tun", "bridge", "ifb", ...; None: a plain device
+    #: IFLA_INFO_DATA, the kind's own attributes (IFLA_TUN_*, IFLA_BR_*), raw
+    data: dict[int, bytes] = dataclasses.field(hash=False, compare=False)
+
+    def datum(self, kind: int) -> int | None:
+        """An integer attribute of IFLA_INFO_DATA, None if it is absent."""
+        return _uint(self.data.get(kind))
+
+    @classmethod
+    def parse(cls, message: bytes) -> Link:
+        """From an RTM_NEWLINK's payload (ifinfomsg and attributes)."""
+        _, _, index, flags, _ = _IFINFOMSG.unpack_from(message)
+        attrs = _attrs(message[_IFINFOMSG.size :])
+        info = _attrs(attrs.get(IFLA_LINKINFO, b""))
+        address = attrs.get(IFLA_ADDRESS)
+        return cls(
+            index=index,
+            flags=flags,
+            name=_text(attrs.get(IFLA_IFNAME)) or "",
+            mtu=_uint(attrs.get(IFLA_MTU)),
+            address=None if address is None else _mac(address),
+            master=_uint(attrs.get(IFLA_MASTER)),
+            alias=_text(attrs.get(IFLA_IFALIAS)),
+            carrier=bool(_uint(attrs.get(IFLA_CARRIER))),
+            kind=_text(info.get(IFLA_INFO_KIND)),
+            data=_attrs(info.get(IFLA_INFO_DATA, b"")),
+        )
+
+
 def _route_socket() -> socket.socket:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
     sock.bind((0, 0))
@@ -180,14 +261,14 @@ def _route_socket() -> socket.socket:
 
 
 class Netlink(BridgePorts, Shaping):
-    """rtnetlink for tapd.  Its sockets are made on first use: IPRoute in the
-    worker thread (its only user), a raw socket in each thread that sends.
+    """rtnetlink for tapd.  Its sockets are made on first use: a raw socket in
+    each thread that asks, IPRoute in the worker thread (its only user).
 
-    The per-tap messages (:meth:`join_bridge`) are fixed-shape RTM_NEWLINKs,
-    packed here and sent on a netlink socket of tapd's own: through IPRoute it
-    cost 666 us a tap where the kernel needs about 200, and pyroute2's encoder
-    alone 120 us of the GIL.  Everything else (lookups, dumps, removals) goes
-    through IPRoute, off the hot path.
+    The link messages (:meth:`join_bridge`'s RTM_NEWLINK, the lookups and
+    dumps of RTM_GETLINK, RTM_DELLINK) are fixed in shape, packed and parsed
+    here: through IPRoute a tap's cost 666 us where the kernel needs about
+    200, pyroute2's encoder alone 120 us of the GIL, and its import 100 ms of
+    the daemon's start.  IPRoute does the rest, off the hot path.
     """
 
     def __init__(self) -> None:
@@ -202,8 +283,69 @@ class Netlink(BridgePorts, Shaping):
     @property
     def _ip(self) -> IPRoute:
         if self._ipr is None:
+            from pyroute2 import IPRoute  # here: see the module's docstring
+
             self._ipr = IPRoute()
         return self._ipr
+
+    def _get_links(self, body: bytes, *, dump: bool) -> tuple[int, list[Link]]:
+        """One RTM_GETLINK on this thread's socket: (errno, links).  A dump
+        that the kernel marks interrupted (links changed meanwhile) is redone."""
+        for _ in range(10):
+            err, links, interrupted = self._get_links_once(body, dump)
+            if not interrupted:
+                break
+        return err, links
+
+    def _get_links_once(self, body: bytes, dump: bool) -> tuple[int, list[Link], bool]:
+        local = self._local
+        sock = self.thread_socket()
+        local.seq += 1
+        flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else 0)
+        sock.send(
+            _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETLINK, flags, local.seq, 0) + body
+        )
+        links: list[Link] = []
+        interrupted = False
+        while True:
+            data = sock.recv(_DUMP_BUFFER)
+            offset = 0
+            while offset + _NLMSGHDR.size <= len(data):
+                length, kind, mflags, seq, _ = _NLMSGHDR.unpack_from(data, offset)
+                if length < _NLMSGHDR.size:
+                    break
+                if seq == local.seq:
+                    interrupted |= bool(mflags & NLM_F_DUMP_INTR)
+                    if kind == NLMSG_ERROR:
+                        err = -int(_NLMSGERR.unpack_from(data, offset + _NLMSGHDR.size)[0])
+                        return err, links, interrupted
+                    if kind == NLMSG_DONE:
+                        return 0, links, interrupted
+                    if kind == RTM_NEWLINK:
+                        links.append(Link.parse(data[offset + _NLMSGHDR.size : offset + length]))
+                        if not dump:
+                            return 0, links, False
+                offset += (length + 3) & ~3
+
+    def links(self) -> list[Link]:
+        """Every interface now (an RTM_GETLINK dump)."""
+        err, links = self._get_links(_IFINFOMSG.pack(AF_UNSPEC, 0, 0, 0, 0), dump=True)
+        if err:
+            raise kernel_error(OSError(err, os.strerror(err)), "listing the interfaces")
+        return links
+
+    def link(self, *, index: int = 0, name: str | None = None) -> Link | None:
+        """Interface ``index`` or ``name`` now; None if there is none."""
+        body = _IFINFOMSG.pack(AF_UNSPEC, 0, index, 0, 0)
+        if name is not None:
+            body += _nla(IFLA_IFNAME, name.encode() + b"\0")
+        err, links = self._get_links(body, dump=False)
+        if err in (errno.ENODEV, errno.ENOENT) or (not err and not links):
+            return None
+        if err:
+            what = f"interface {name!r}" if name is not None else f"interface {index}"
+            raise kernel_error(OSError(err, os.strerror(err)), f"looking up {what}")
+        return links[0]
 
     def cached_bridge(self, name: str) -> Bridge | None:
         """The bridge called ``name`` if it is known and still the same: two
@@ -241,7 +383,7 @@ class Netlink(BridgePorts, Shaping):
                 for msg in self._ip.get_addr(index=index)
                 if msg.get("IFA_ADDRESS")
             ]
-        except NetlinkError as exc:
+        except netlink_error() as exc:
             raise kernel_error(_oserror(exc), f"listing the addresses of bridge {name}") from None
 
     def _pin_address(self, bridge: Bridge, address: str) -> None:
@@ -275,23 +417,19 @@ class Netlink(BridgePorts, Shaping):
         )
 
     def _lookup_bridge(self, name: str) -> tuple[Bridge, str]:
-        try:
-            (msg,) = self._ip.link("get", ifname=name)
-        except NetlinkError as exc:
-            if exc.code == errno.ENODEV:
-                raise BridgeNotFound(
-                    f"bridge {name!r} does not exist; create it "
-                    f"(ip link add {name} type bridge) or ask for another"
-                ) from None
-            raise kernel_error(_oserror(exc), f"looking up bridge {name!r}") from None
-        kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
-        if kind != "bridge":
+        link = self.link(name=name)
+        if link is None:
+            raise BridgeNotFound(
+                f"bridge {name!r} does not exist; create it "
+                f"(ip link add {name} type bridge) or ask for another"
+            )
+        if link.kind != "bridge":
             raise NotABridge(
-                f"interface {name!r} is a {kind or 'plain'} device, not a bridge; "
+                f"interface {name!r} is a {link.kind or 'plain'} device, not a bridge; "
                 "name a Linux bridge in br="
             )
-        bridge = Bridge(name=name, index=int(msg["index"]), mtu=int(msg.get("IFLA_MTU")))
-        return bridge, str(msg.get("IFLA_ADDRESS"))
+        bridge = Bridge(name=name, index=link.index, mtu=int(link.mtu or 0))
+        return bridge, str(link.address)
 
     def join_bridge(
         self,
@@ -399,68 +537,43 @@ class Netlink(BridgePorts, Shaping):
     def delete(self, index: int) -> bool:
         """Remove an interface (a tun device goes even while fds hold it).
         False if it was already gone."""
-        try:
-            self._ip.link("del", index=index)
-        except NetlinkError as exc:
-            if exc.code == errno.ENODEV:
-                return False
-            raise kernel_error(_oserror(exc), f"removing interface {index}") from None
+        err = self._request(RTM_DELLINK, _IFINFOMSG.pack(AF_UNSPEC, 0, index, 0, 0))
+        if err == errno.ENODEV:
+            return False
+        if err:
+            raise kernel_error(OSError(err, os.strerror(err)), f"removing interface {index}")
         return True
-
-    def _link(self, index: int) -> Any | None:
-        """pyroute2's message for interface ``index``, or None if there is none."""
-        try:
-            (msg,) = self._ip.link("get", index=index)
-        except NetlinkError as exc:
-            if exc.code == errno.ENODEV:
-                return None
-            raise kernel_error(_oserror(exc), f"looking up interface {index}") from None
-        return msg
 
     def tun_info(self, index: int) -> TunInfo | None:
         """What the kernel says about tun/tap device ``index``; None when there
         is no such interface or it is not a tun device."""
-        msg = self._link(index)
-        return None if msg is None else TunInfo.from_link(msg)
+        link = self.link(index=index)
+        return None if link is None else TunInfo.from_link(link)
 
     def tap_link(self, index: int) -> TapLink | None:
         """:meth:`tun_info` with the tap's name, master and up flag, from one
         lookup."""
-        msg = self._link(index)
-        if msg is None:
+        link = self.link(index=index)
+        info = None if link is None else TunInfo.from_link(link)
+        if link is None or info is None:
             return None
-        info = TunInfo.from_link(msg)
-        if info is None:
-            return None
-        master = msg.get("IFLA_MASTER")
-        return TapLink(
-            name=str(msg.get("IFLA_IFNAME")),
-            master=None if master is None else int(master),
-            up=bool(msg["flags"] & IFF_UP),
-            tun=info,
-        )
+        return TapLink(name=link.name, master=link.master, up=bool(link.flags & IFF_UP), tun=info)
 
     def tun_link(self, index: int) -> TunLink | None:
         """Tun device ``index``: its state, name and the flags to attach a
         queue by; None if there is no such interface or it is no tun device."""
-        msg = self._link(index)
-        info = None if msg is None else TunInfo.from_link(msg)
-        if msg is None or info is None:
+        link = self.link(index=index)
+        info = None if link is None else TunInfo.from_link(link)
+        if link is None or info is None:
             return None
-        data = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
-
-        def attr(name: str) -> int | None:
-            value = data.get(name) if data else None
-            return None if value is None else int(value)
-
-        flags = attr("IFLA_TUN_TYPE") or tun.IFF_TAP
-        if not attr("IFLA_TUN_PI"):
+        flags = link.datum(IFLA_TUN_TYPE) or tun.IFF_TAP
+        if not link.datum(IFLA_TUN_PI):
             flags |= tun.IFF_NO_PI
-        if attr("IFLA_TUN_VNET_HDR"):
+        if link.datum(IFLA_TUN_VNET_HDR):
             flags |= tun.IFF_VNET_HDR
         if info.multi_queue:
             flags |= tun.IFF_MULTI_QUEUE
-        return TunLink(name=str(msg.get("IFLA_IFNAME")), info=info, flags=flags)
+        return TunLink(name=link.name, info=info, flags=flags)
 
     def give_back(self, index: int) -> bool:
         """Detach an interface from its bridge, bring it down and remove its
@@ -478,33 +591,25 @@ class Netlink(BridgePorts, Shaping):
 
     def tagged_taps(self) -> list[tuple[int, str, str]]:
         """(index, name, alias) of every tun/tap device that has an alias."""
-        found = []
-        for msg in self._ip.link("dump"):
-            alias = msg.get("IFLA_IFALIAS")
-            if alias and msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") == "tun":
-                found.append((int(msg["index"]), str(msg.get("IFLA_IFNAME")), str(alias)))
-        return found
+        return [
+            (link.index, link.name, link.alias)
+            for link in self.links()
+            if link.alias and link.kind == "tun"
+        ]
 
     def present(self) -> set[int]:
         """Indexes of every interface now (to resynchronise after lost events)."""
-        return {int(msg["index"]) for msg in self._ip.link("dump")}
+        return {link.index for link in self.links()}
 
     def addresses(self) -> dict[int, str]:
         """Every interface's address now, by index (to look again after lost
         events, or at start)."""
-        return {
-            int(msg["index"]): str(msg.get("IFLA_ADDRESS"))
-            for msg in self._ip.link("dump")
-            if msg.get("IFLA_ADDRESS")
-        }
+        return {link.index: link.address for link in self.links() if link.address}
 
     def port_address(self, index: int) -> tuple[str, int | None] | None:
         """Interface ``index``'s address and master now; None when it is gone."""
-        msg = self._link(index)
-        if msg is None:
-            return None
-        master = msg.get("IFLA_MASTER")
-        return str(msg.get("IFLA_ADDRESS")), None if master is None else int(master)
+        link = self.link(index=index)
+        return None if link is None else (str(link.address), link.master)
 
     def set_address(self, index: int, mac: str) -> bool:
         """Give interface ``index`` the address ``mac``; False if it is gone."""

@@ -9,11 +9,15 @@ through pyroute2's IPRoute, and so runs on the
 from __future__ import annotations
 
 import errno
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+import typing
 
 from .errors import BridgeNotFound, GuestMacInUse, NotABridge, kernel_error
+
+if typing.TYPE_CHECKING:
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from .netlink import Link
 
 # <linux/neighbour.h>: a bridge FDB entry that points at a port (not the port
 # device's own table), and "static" as bridge(8) spells NUD_NOARP
@@ -38,6 +42,16 @@ def wanted_vlans(access: int | None, tagged: tuple[int, ...]) -> PortVlans:
     return vlans
 
 
+def netlink_error() -> type[NetlinkError]:
+    """pyroute2's NetlinkError, for ``except netlink_error() as exc:`` around
+    IPRoute's calls: an except clause is evaluated only when something is
+    raised, so pyroute2 stays unimported until IPRoute is first used (see
+    :mod:`tapd.netlink`)."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    return typing.cast("type[NetlinkError]", NetlinkError)
+
+
 def _oserror(exc: NetlinkError) -> OSError:
     return OSError(exc.code, str(exc))
 
@@ -48,6 +62,9 @@ class BridgePorts:
 
     @property
     def _ip(self) -> IPRoute:
+        raise NotImplementedError
+
+    def link(self, *, index: int = 0, name: str | None = None) -> Link | None:
         raise NotImplementedError
 
     def set_port(
@@ -82,7 +99,7 @@ class BridgePorts:
                         state=NUD_NOARP,
                         **({} if vlan is None else {"vlan": vlan}),
                     )
-                except NetlinkError as exc:
+                except netlink_error() as exc:
                     if exc.code != errno.EEXIST:
                         raise
                     if not self._static_on(index, static_mac, vlan):
@@ -91,7 +108,7 @@ class BridgePorts:
                             "address, a port's, or a neighbour's it learnt); leave guest_mac "
                             "out and tapd picks a free one"
                         ) from None
-        except NetlinkError as exc:
+        except netlink_error() as exc:
             raise kernel_error(_oserror(exc), f"fencing bridge port {index}") from None
 
     def _static_on(self, index: int, mac: str, vlan: int | None) -> bool:
@@ -108,19 +125,17 @@ class BridgePorts:
     def vlan_filtering(self, bridge: str) -> bool:
         """Whether bridge ``bridge`` filters VLANs (IFLA_BR_VLAN_FILTERING; a
         kernel without CONFIG_BRIDGE_VLAN_FILTERING does not report it)."""
-        try:
-            (msg,) = self._ip.link("get", ifname=bridge)
-        except NetlinkError as exc:
-            if exc.code == errno.ENODEV:
-                raise BridgeNotFound(
-                    f"bridge {bridge!r} does not exist; create it "
-                    f"(ip link add {bridge} type bridge vlan_filtering 1) or ask for another"
-                ) from None
-            raise kernel_error(_oserror(exc), f"looking up bridge {bridge!r}") from None
-        if msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") != "bridge":
+        from .netlink import IFLA_BR_VLAN_FILTERING
+
+        link = self.link(name=bridge)
+        if link is None:
+            raise BridgeNotFound(
+                f"bridge {bridge!r} does not exist; create it "
+                f"(ip link add {bridge} type bridge vlan_filtering 1) or ask for another"
+            )
+        if link.kind != "bridge":
             raise NotABridge(f"interface {bridge!r} is not a bridge; name a Linux bridge in br=")
-        data = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
-        return bool(data and data.get("IFLA_BR_VLAN_FILTERING"))
+        return bool(link.datum(IFLA_BR_VLAN_FILTERING))
 
     def port_vlans(self, index: int) -> PortVlans:
         """The VLANs of bridge port ``index`` now, with their PVID and
@@ -134,7 +149,7 @@ class BridgePorts:
                     continue
                 for info in spec.get_attrs("IFLA_BRIDGE_VLAN_INFO"):
                     found[int(info["vid"])] = int(info["flags"]) & ACCESS
-        except NetlinkError as exc:
+        except netlink_error() as exc:
             raise kernel_error(_oserror(exc), f"listing the VLANs of port {index}") from None
         return found
 
@@ -157,7 +172,7 @@ class BridgePorts:
             for vid, flags in sorted(want.items()):
                 if have.get(vid) != flags:
                     self._ip.vlan_filter("add", index=index, vlan_info={"vid": vid, "flags": flags})
-        except NetlinkError as exc:
+        except netlink_error() as exc:
             raise kernel_error(_oserror(exc), f"setting the VLANs of port {index}") from None
         return changed
 
@@ -170,5 +185,5 @@ class BridgePorts:
                 for entry in self._ip.fdb("dump", master=bridge)
                 if entry["state"] & NUD_NOARP and entry["ifindex"] != bridge
             }
-        except NetlinkError as exc:
+        except netlink_error() as exc:
             raise kernel_error(_oserror(exc), f"listing the FDB of bridge {bridge}") from None

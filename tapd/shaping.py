@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+import typing
 
 from .errors import KernelError, kernel_error
 from .fence import ifb_name, ifb_tap
+from .ports import netlink_error
+
+if typing.TYPE_CHECKING:
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from .netlink import Link
 
 #: <linux/if_ether.h>: every protocol, for a filter that matches every frame
 ETH_P_ALL = 0x0003
@@ -41,6 +46,12 @@ class Shaping:
 
     @property
     def _ip(self) -> IPRoute:
+        raise NotImplementedError
+
+    def link(self, *, index: int = 0, name: str | None = None) -> Link | None:
+        raise NotImplementedError
+
+    def links(self) -> list[Link]:
         raise NotImplementedError
 
     def shape(self, index: int, ingress: int | None, egress: int | None) -> None:
@@ -78,7 +89,7 @@ class Shaping:
                 action={"kind": "mirred", "direction": "egress", "action": "redirect",
                         "ifindex": ifb},
             )  # fmt: skip
-        except NetlinkError as exc:
+        except netlink_error() as exc:
             raise kernel_error(_oserror(exc), f"shaping tap {index}") from None
 
     def unshape(self, index: int, tap_too: bool = False) -> None:
@@ -87,29 +98,25 @@ class Shaping:
         if tap_too:
             self._del_qdisc(index, _TC_H_ROOT)
             self._del_qdisc(index, _TC_H_INGRESS)
-        with contextlib.suppress(KernelError, NetlinkError):
+        with contextlib.suppress(KernelError):
             ifb = self._ifb(ifb_name(index))
             if ifb is not None:
-                with contextlib.suppress(NetlinkError):
+                with contextlib.suppress(netlink_error()):
                     self._ip.link("del", index=ifb)
 
     def _ifb(self, name: str) -> int | None:
         """The index of tapd's ifb device ``name``, None if there is none; an
         interface of that name that is no ifb is never taken for one (what the
         guest sends would be redirected to it)."""
-        try:
-            (msg,) = self._ip.link("get", ifname=name)
-        except NetlinkError as exc:
-            if exc.code == errno.ENODEV:
-                return None
-            raise
-        kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
-        if kind != "ifb":
+        link = self.link(name=name)
+        if link is None:
+            return None
+        if link.kind != "ifb":
             raise KernelError(
-                f"interface {name!r} is a {kind or 'plain'} device where tapd shapes "
+                f"interface {name!r} is a {link.kind or 'plain'} device where tapd shapes "
                 "through an ifb of that name; remove or rename it"
             )
-        return int(msg["index"])
+        return link.index
 
     def _del_qdisc(self, index: int, parent: int) -> None:
         """Remove the qdisc at ``parent`` (root or ingress), if there is one.
@@ -118,17 +125,16 @@ class Shaping:
         handle = "ffff:" if parent == _TC_H_INGRESS else "1:"
         try:
             self._ip.tc("del", index=index, handle=handle, parent=parent)
-        except NetlinkError as exc:
+        except netlink_error() as exc:
             if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
                 raise
 
     def orphan_ifbs(self) -> list[int]:
         """Indexes of ifb devices tapd made for taps that are gone."""
-        links = {int(m["index"]): m for m in self._ip.link("dump")}
+        links = {link.index: link for link in self.links()}
         orphans = []
-        for index, msg in links.items():
-            tap = ifb_tap(str(msg.get("IFLA_IFNAME")))
-            kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
-            if tap is not None and tap not in links and kind == "ifb":
+        for index, link in links.items():
+            tap = ifb_tap(link.name)
+            if tap is not None and tap not in links and link.kind == "ifb":
                 orphans.append(index)
         return orphans

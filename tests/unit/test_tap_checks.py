@@ -4,10 +4,12 @@ tapd made, and may a client's tap be adopted."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 import pytest
 
+from tapd import netlink
 from tapd.netlink import TapLink, TunInfo, pin_address
 from tapd.taps import TapSpec, adoption_problem, intrusion
 
@@ -75,28 +77,42 @@ def test_a_tap_its_requester_cannot_just_have_made_is_refused(
     assert problem is not None and says in problem and "'vmtap'" in problem
 
 
-class _Msg:
-    """Just enough of a pyroute2 link message."""
-
-    def __init__(self, kind: str | None, data: dict[str, int] | None) -> None:
-        self.kind, self.data = kind, data
-
-    def get_nested(self, *path: str) -> Any:
-        return self.kind if path[-1] == "IFLA_INFO_KIND" else self.data
+def _link_message(kind: str, data: dict[int, bytes], **attrs: bytes) -> bytes:
+    """An RTM_NEWLINK's payload as the kernel packs it: ifinfomsg, then
+    attributes, IFLA_LINKINFO nested (with NLA_F_NESTED) around the kind's."""
+    nested = 0x8000
+    info_data = b"".join(netlink._nla(k, v) for k, v in data.items())
+    linkinfo = netlink._nla(netlink.IFLA_INFO_KIND, kind.encode() + b"\0") + netlink._nla(
+        netlink.IFLA_INFO_DATA | nested, info_data
+    )
+    body = b"".join(netlink._nla(getattr(netlink, k), v) for k, v in attrs.items())
+    return (
+        netlink._IFINFOMSG.pack(0, 1, 7, 0x1043, 0)
+        + body
+        + netlink._nla(netlink.IFLA_LINKINFO | nested, linkinfo)
+    )
 
 
 def test_tun_info_reads_what_tun_fill_info_reports() -> None:
+    u8, u32 = (lambda v: bytes([v])), (lambda v: v.to_bytes(4, sys.byteorder))
     data = {
-        "IFLA_TUN_OWNER": 1000,
-        "IFLA_TUN_PERSIST": 0,
-        "IFLA_TUN_MULTI_QUEUE": 1,
-        "IFLA_TUN_NUM_QUEUES": 3,
-        "IFLA_TUN_NUM_DISABLED_QUEUES": 1,
+        netlink.IFLA_TUN_OWNER: u32(1000),
+        netlink.IFLA_TUN_PERSIST: u8(0),
+        netlink.IFLA_TUN_MULTI_QUEUE: u8(1),
+        netlink.IFLA_TUN_NUM_QUEUES: u32(3),
+        netlink.IFLA_TUN_NUM_DISABLED_QUEUES: u32(1),
     }
-    assert TunInfo.from_link(_Msg("tun", data)) == TunInfo(
+    link = netlink.Link.parse(
+        _link_message("tun", data, IFLA_IFNAME=b"vm0\0", IFLA_MTU=u32(1500),
+                      IFLA_ADDRESS=bytes.fromhex("fe4100000001"), IFLA_MASTER=u32(3))
+    )  # fmt: skip
+    assert (link.index, link.flags, link.name, link.mtu) == (7, 0x1043, "vm0", 1500)
+    assert (link.address, link.master, link.alias) == ("fe:41:00:00:00:01", 3, None)
+    assert link.kind == "tun"
+    assert TunInfo.from_link(link) == TunInfo(
         owner=1000, group=None, persist=False, multi_queue=True, queues=3, disabled=1
     )
-    assert TunInfo.from_link(_Msg("bridge", {})) is None
+    assert TunInfo.from_link(netlink.Link.parse(_link_message("bridge", {}))) is None
 
 
 # -- the address a bridge is pinned at ------------------------------------------------
