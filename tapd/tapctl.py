@@ -188,7 +188,7 @@ def _add_options(p: argparse.ArgumentParser, options: tuple[Option, ...]) -> Non
     """A verb's options, from its table."""
     exclusive: dict[str, argparse._MutuallyExclusiveGroup] = {}
     for flag, dest, kind, metavar, text in options:
-        if kind in ("on", "off") and dest == "vnet_hdr":  # --vnet-hdr or --no-vnet-hdr
+        if kind in ("on", "off") and dest in _paired(options):  # --vnet-hdr or --no-vnet-hdr
             if dest not in exclusive:
                 exclusive[dest] = p.add_mutually_exclusive_group()
             at: argparse._ActionsContainer = exclusive[dest]
@@ -216,6 +216,11 @@ def _leading_socket(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     if argv[:1] and argv[0].startswith("--socket=") and argv[0][9:10] != "-":
         return argv[0][9:], list(argv[1:])
     return None, list(argv)
+
+
+def _paired(options: tuple[Option, ...]) -> set[str]:
+    """The dests of an "on" option whose "off" twin excludes it."""
+    return {dest for _, dest, kind, _, _ in options if kind == "off"}
 
 
 def read_quickly(argv: Sequence[str]) -> Options | None:
@@ -266,7 +271,8 @@ def read_quickly(argv: Sequence[str]) -> Options | None:
             values[dest] = [*(values[dest] or []), value]
         else:
             values[dest] = value
-    if {"--vnet-hdr", "--no-vnet-hdr"} <= used:
+    if any({flag for flag, dest_, kind, _, _ in table if dest_ == dest} <= used
+           for dest in _paired(table)):  # fmt: skip
         return None
     if any(kind == "required" and values[dest] is None for _, dest, kind, _, _ in table):
         return None
