@@ -17,12 +17,14 @@ hits every contender alike:
 5. a 256-queue request against its kernel floor;
 6. tapd's latency beyond the floor with 0, 250, 500 and 1000 live leases;
 7. tapd's RSS and open fds at 1000 leases, and the cold start to a first
-   reply under socket activation;
+   reply under socket activation, beside its floor: the same interpreter
+   importing trio, pydantic and structlog and answering one line;
 8. the user's path, whole processes in the rounds of 1-3: tapd-bridge-helper
    through QEMU's helper protocol (beside qemu-bridge-helper's, which is 2),
    ``tapctl request --br BR -- /bin/true``, and a bare ``python -c pass`` of
    the same interpreter, the floor of any Python entry point;
-9. 64 VM starts at once through each helper, the way a host boots its VMs.
+9. 64 VM starts at once through each helper, the way a host boots its VMs,
+   and 64 bare ``python -c pass`` at once, the floor of a Python helper.
 
 It measures tapd as users install it: it first installs the checkout with
 ``pip install .`` (not editable: an editable install's import finder costs
@@ -483,8 +485,9 @@ def throughput(total: int, clients: int) -> dict[str, float]:
 def vm_starts(rounds: int, clients: int) -> dict[str, Series]:
     """9: ``clients`` VM starts at once through each helper, whole processes:
     the seconds until the last has its tap, each helper in turn, ``rounds``
-    times."""
-    series = {k: Series(k) for k in ("helper", "tapd-bridge-helper")}
+    times; and as many bare ``python -c pass`` at once, the floor of any
+    helper written in Python."""
+    series = {k: Series(k) for k in ("helper", "tapd-bridge-helper", "python")}
     with namespace() as ns:
         tapd = Tapd.start(ns)
         agents = [Agent(ns) for _ in range(clients)]
@@ -493,7 +496,7 @@ def vm_starts(rounds: int, clients: int) -> dict[str, Series]:
             agents[0].run(op="close")
             kinds = list(series)
             for r in range(rounds):
-                for kind in kinds[r % 2 :] + kinds[: r % 2]:
+                for kind in kinds[r % len(kinds) :] + kinds[: r % len(kinds)]:
                     series[kind].values.append(_burst(kind, agents, tapd.path, clients))
                     for agent in agents:
                         agent.run(op="close")
@@ -574,40 +577,61 @@ def scaling(
     return out, footprint
 
 
-def cold_start(rounds: int) -> Series:
+#: the cold start's floor: the same interpreter, socket-activated the same way,
+#: importing the libraries the design fixes (trio, pydantic, structlog) and
+#: answering the first connection with one line - what any daemon built on
+#: them pays before its first reply, whatever it does itself
+STACK = r"""
+import socket, trio, pydantic, structlog
+conn, _ = socket.socket(fileno=3).accept()
+conn.recv(4096)
+conn.sendall(b'{"ok": true}\n')
+"""
+
+
+def cold_start(rounds: int) -> dict[str, Series]:
     """7: socket activation to a first reply (python start-up included): the
-    reply to a VMM's first request, its tap in hand."""
+    reply to a VMM's first request, its tap in hand; beside it, interleaved,
+    :data:`STACK`'s reply, the floor."""
     activate = shutil.which("systemd-socket-activate")
     assert activate, "systemd-socket-activate (Debian's systemd) is needed"
-    series = Series("cold start")
+    series = {k: Series(k) for k in ("tapd", "stack")}
+    argv = {"tapd": ["-m", "tapd.daemon"], "stack": ["-c", STACK]}
     with namespace(1) as ns:
-        for _ in range(rounds):
-            workdir = tempfile.mkdtemp(prefix="tapd-bench-")
-            path = f"{workdir}/s"
-            proc = subprocess.Popen(
-                in_ns(ns, [activate, "-l", path, sys.executable, "-m", "tapd.daemon"]),
-                stderr=subprocess.DEVNULL, cwd=workdir if INSTALLED else REPO,
-            )  # fmt: skip
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            while True:  # the socket file exists a moment before listen()
-                try:
-                    sock.connect(path)
-                    break
-                except (FileNotFoundError, ConnectionRefusedError):
-                    time.sleep(0.002)
-            # systemd-socket-activate starts tapd on this first connection.
-            start = time.perf_counter()
-            sock.sendall(b'{"op": "request", "br": "br0"}\n')
-            _, ancdata, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(4))
-            series.values.append(time.perf_counter() - start)
-            assert ancdata, "tapd sent no fd"
-            for _, _, data in ancdata:
-                os.close(int.from_bytes(data[:4], sys.byteorder))
-            sock.close()
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
-            shutil.rmtree(workdir, ignore_errors=True)
+        for r in range(rounds):
+            for kind in list(series)[r % 2 :] + list(series)[: r % 2]:
+                took = _cold_start_once(ns, activate, argv[kind], tap=kind == "tapd")
+                series[kind].values.append(took)
     return series
+
+
+def _cold_start_once(ns: str, activate: str, argv: list[str], tap: bool) -> float:
+    workdir = tempfile.mkdtemp(prefix="tapd-bench-")
+    path = f"{workdir}/s"
+    proc = subprocess.Popen(
+        in_ns(ns, [activate, "-l", path, sys.executable, *argv]),
+        stderr=subprocess.DEVNULL, cwd=workdir if INSTALLED else REPO,
+    )  # fmt: skip
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    while True:  # the socket file exists a moment before listen()
+        try:
+            sock.connect(path)
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            time.sleep(0.002)
+    # systemd-socket-activate starts the program on this first connection.
+    start = time.perf_counter()
+    sock.sendall(b'{"op": "request", "br": "br0"}\n')
+    _, ancdata, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(4))
+    took = time.perf_counter() - start
+    assert ancdata or not tap, "tapd sent no fd"
+    for _, _, data in ancdata:
+        os.close(int.from_bytes(data[:4], sys.byteorder))
+    sock.close()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return took
 
 
 # -- report -----------------------------------------------------------------------------
@@ -710,15 +734,21 @@ def main() -> int:
               f"{'':9s} {'':8s} {pair['tapd'].median / pair['floor'].median:7.2f}")  # fmt: skip
     print(f"throughput, {args.clients} clients, {args.total} taps: tapd {tput['tapd']:.0f}/s, "
           f"helper {tput['helper']:.0f}/s ({tput['tapd'] / tput['helper']:.2f}x)")  # fmt: skip
-    qh, th = starts["helper"], starts["tapd-bridge-helper"]
+    qh, th, bp = starts["helper"], starts["tapd-bridge-helper"], starts["python"]
     print(f"{args.clients} VM starts at once (median of {len(qh.values)}): qemu-bridge-helper "
           f"{ms(qh.median).strip()} ms ({args.clients / qh.median:.0f}/s), tapd-bridge-helper "
           f"{ms(th.median).strip()} ms ({args.clients / th.median:.0f}/s), "
           f"{th.median / qh.median:.2f}x the time")  # fmt: skip
+    print(f"{args.clients} python -c pass at once (floor): {ms(bp.median).strip()} ms, "
+          f"{bp.median / qh.median:.2f}x qemu-bridge-helper's; tapd-bridge-helper "
+          f"{th.median / bp.median:.2f}x it")  # fmt: skip
     print(f"at {footprint['leases']} leases: RSS {footprint['rss_bytes'] / 2**20:.1f} MiB, "
           f"{footprint['open_fds']} open fds")  # fmt: skip
-    print(f"cold start to a first tap (socket activation): median {ms(cold.median)} ms, "
-          f"max {ms(max(cold.values))} ms")  # fmt: skip
+    ct, cs = cold["tapd"], cold["stack"]
+    print(f"cold start to a first tap (socket activation): median {ms(ct.median)} ms, "
+          f"max {ms(max(ct.values))} ms")  # fmt: skip
+    print(f"cold start floor (python importing trio, pydantic, structlog): median "
+          f"{ms(cs.median)} ms; tapd's own {ms(ct.median - cs.median).strip()} ms")  # fmt: skip
 
     if args.json:
         doc = {
@@ -733,7 +763,8 @@ def main() -> int:
             "vm_starts_at_once": {k: {"median": v.median, "max": max(v.values),
                                       "clients": args.clients} for k, v in starts.items()},
             "footprint": footprint,
-            "cold_start": {"median": cold.median, "max": max(cold.values)},
+            "cold_start": {"median": cold["tapd"].median, "max": max(cold["tapd"].values),
+                           "stack_median": cold["stack"].median},
         }  # fmt: skip
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     return 0
