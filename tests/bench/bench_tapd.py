@@ -108,6 +108,14 @@ def in_ns(ns: str, argv: list[str]) -> list[str]:
     return ["ip", "netns", "exec", ns, *argv]
 
 
+def in_turn(kinds: list[str], r: int) -> list[str]:
+    """``kinds`` with the ``r``-th opening round ``r``: whichever goes first
+    after a close meets the kernel's clean-up of the last round's taps, so
+    each contender takes that place in turn."""
+    first = r % len(kinds)
+    return kinds[first:] + kinds[:first]
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -427,8 +435,7 @@ def per_tap(rounds: int, per_round: int) -> dict[str, Series]:
             settle(tapd.path, 0)
             kinds = list(series)
             for r in range(rounds):
-                # A different contender opens each round (see scaling()).
-                for kind in kinds[r % len(kinds) :] + kinds[: r % len(kinds)]:
+                for kind in in_turn(kinds, r):
                     series[kind].values += agent.run(
                         op="tapd" if kind in paths else ops.get(kind, kind),
                         path=paths.get(kind, tapd.path),
@@ -497,7 +504,7 @@ def vm_starts(rounds: int, clients: int) -> dict[str, Series]:
             agents[0].run(op="close")
             kinds = list(series)
             for r in range(rounds):
-                for kind in kinds[r % len(kinds) :] + kinds[: r % len(kinds)]:
+                for kind in in_turn(kinds, r):
                     series[kind].values.append(_burst(kind, agents, tapd.path, clients))
                     for agent in agents:
                         agent.run(op="close")
@@ -561,9 +568,7 @@ def scaling(
                 live = level
                 out[level] = {k: Series(f"{k}@{level}") for k in ("floor", "tapd")}
                 for i in range(4):
-                    # Each goes first in turn: whichever follows a close
-                    # meets the kernel's and tapd's clean-up of the last taps.
-                    for kind in ("floor", "tapd") if i % 2 == 0 else ("tapd", "floor"):
+                    for kind in in_turn(["floor", "tapd"], i):
                         out[level][kind].values += agent.run(
                             op=kind, path=tapd.path, count=per_level // 4, bridges=list(BRIDGES)
                         )
@@ -604,7 +609,7 @@ def cold_start(rounds: int) -> dict[str, Series]:
     argv = {"tapd": ["-m", "tapd.daemon"], "stack": ["-c", STACK]}
     with namespace(1) as ns:
         for r in range(rounds):
-            for kind in list(series)[r % 2 :] + list(series)[: r % 2]:
+            for kind in in_turn(list(series), r):
                 took = _cold_start_once(ns, activate, argv[kind], tap=kind == "tapd")
                 series[kind].values.append(took)
     return series
