@@ -187,8 +187,9 @@ def _parser() -> argparse.ArgumentParser:
 def _add_options(p: argparse.ArgumentParser, options: tuple[Option, ...]) -> None:
     """A verb's options, from its table."""
     exclusive: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    paired = _paired(options)
     for flag, dest, kind, metavar, text in options:
-        if kind in ("on", "off") and dest in _paired(options):  # --vnet-hdr or --no-vnet-hdr
+        if kind in ("on", "off") and dest in paired:  # --vnet-hdr or --no-vnet-hdr
             if dest not in exclusive:
                 exclusive[dest] = p.add_mutually_exclusive_group()
             at: argparse._ActionsContainer = exclusive[dest]
